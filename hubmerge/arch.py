@@ -1,0 +1,97 @@
+"""Layer naming and config rewrites for the decoder-only architectures hubmerge supports.
+
+All of them store their blocks as `model.layers.N.*`, embeddings as `model.embed_tokens.*`, and
+everything after the blocks (final norm, `lm_head`) outside that prefix. An architecture not in
+`SUPPORTED` is refused rather than guessed: a wrong guess would produce a model that loads but
+computes nonsense.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from hubmerge.errors import SourceError
+
+#: `config.json` `architectures` entries hubmerge knows the layout of.
+SUPPORTED: frozenset[str] = frozenset({
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+    "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
+})  # fmt: skip
+
+LAYER_PREFIX = "model.layers."
+EMBED_PREFIX = "model.embed_tokens."
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+#: Fields that must match for layers of two models to be stacked.
+SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "vocab_size")  # fmt: skip
+
+
+def architecture(config: dict[str, Any], where: str) -> str:
+    """The model's architecture name, or a `SourceError` naming `where` if unsupported."""
+    archs = config.get("architectures") or []
+    if len(archs) != 1 or archs[0] not in SUPPORTED:
+        raise SourceError(
+            f"{where}: unsupported architecture {archs or config.get('model_type')!r} "
+            f"(supported: {', '.join(sorted(SUPPORTED))})"
+        )
+    return archs[0]
+
+
+def num_layers(config: dict[str, Any], where: str) -> int:
+    try:
+        return int(config["num_hidden_layers"])
+    except (KeyError, TypeError, ValueError):
+        raise SourceError(f"{where}: config.json has no valid num_hidden_layers") from None
+
+
+def split_layer_name(name: str) -> tuple[int, str] | None:
+    """`model.layers.7.mlp.down_proj.weight` -> (7, `mlp.down_proj.weight`); None if not a layer."""
+    m = _LAYER_RE.match(name)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def layer_name(index: int, suffix: str) -> str:
+    return f"{LAYER_PREFIX}{index}.{suffix}"
+
+
+def is_pre_weight(name: str) -> bool:
+    """Tensors that come before the blocks (embeddings); everything else outside them is post."""
+    return name.startswith(EMBED_PREFIX)
+
+
+def rewrite_config(
+    donor: dict[str, Any],
+    layer_sources: Sequence[tuple[dict[str, Any], int]],
+    dtype_name: str,
+) -> dict[str, Any]:
+    """The output config: the donor's, with depth, per-layer lists and dtype made true.
+
+    `layer_sources` gives, per output layer, the config of the model it comes from and its index
+    there. Per-layer attributes (`layer_types`, sliding-window placement) travel with the layer:
+    a sliding-attention block stays sliding wherever it lands.
+    """
+    out = dict(donor)
+    depth = len(layer_sources)
+    out["num_hidden_layers"] = depth
+    if "layer_types" in donor:
+        out["layer_types"] = [_layer_type(cfg, i) for cfg, i in layer_sources]
+    if "max_window_layers" in donor:
+        # Qwen2/Qwen3 use sliding attention for layers >= max_window_layers: keep that boundary
+        # where the (rewritten) layer types put it.
+        types = out.get("layer_types") or []
+        first_sliding = next((i for i, t in enumerate(types) if t == "sliding_attention"), None)
+        out["max_window_layers"] = depth if first_sliding is None else first_sliding
+    out["dtype"] = dtype_name
+    if "torch_dtype" in out:
+        out["torch_dtype"] = dtype_name
+    return out
+
+
+def _layer_type(config: dict[str, Any], index: int) -> str:
+    types = config.get("layer_types")
+    if types and index < len(types):
+        return str(types[index])
+    return "full_attention"

@@ -1,0 +1,168 @@
+"""Pydantic models of every merge config, validated before any model is opened.
+
+`passthrough` accepts mergekit's YAML as users already write it (slices, sources, layer_range,
+scale parameters with mergekit's lookup rules); the other methods are hubmerge's own. Every
+model forbids unknown keys, so a typo is an error naming the key instead of a silent default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+from hubmerge.errors import ConfigError
+
+DType = Literal["float32", "float16", "bfloat16", "float64"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Gradient = Annotated[list[float], Field(min_length=1)]
+
+
+class ScaleRule(_Strict):
+    """One entry of a filtered scale list: the first rule whose filter matches wins."""
+
+    filter: str | None = None
+    value: float | Gradient
+
+
+#: mergekit's forms: a number, a gradient interpolated over the slice, or filtered rules.
+ScaleSetting = float | Gradient | Annotated[list[ScaleRule], Field(min_length=1)]
+
+
+class Parameters(_Strict):
+    scale: ScaleSetting | None = None
+
+
+class InputSlice(_Strict):
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Parameters | None = None
+
+    @model_validator(mode="after")
+    def _range_order(self) -> InputSlice:
+        start, end = self.layer_range
+        if start < 0 or end < start:
+            raise ValueError(f"layer_range [{start}, {end}] must satisfy 0 <= start <= end")
+        return self
+
+
+class OutputSlice(_Strict):
+    sources: Annotated[list[InputSlice], Field(min_length=1, max_length=1)]
+    parameters: Parameters | None = None
+
+
+class _MergeConfig(_Strict):
+    dtype: DType | None = None
+    out_dtype: DType | None = None
+
+
+class PassthroughConfig(_MergeConfig):
+    """mergekit's `passthrough`: stack layer ranges of models, optionally scaling tensors."""
+
+    merge_method: Literal["passthrough"]
+    slices: Annotated[list[OutputSlice], Field(min_length=1)]
+    base_model: str | None = None
+    tokenizer_source: str | None = None
+    parameters: Parameters | None = None
+
+    @model_validator(mode="after")
+    def _empty_slices_only_at_edges(self) -> PassthroughConfig:
+        # A zero-width slice is how mergekit picks the embedding or head donor: it is only
+        # meaningful first or last, and a config of nothing but such slices has no layers.
+        for i, s in enumerate(self.slices):
+            start, end = s.sources[0].layer_range
+            if start == end and 0 < i < len(self.slices) - 1:
+                raise ValueError(f"slices[{i}]: layer_range [{start}, {end}] is empty")
+        if all(s.sources[0].layer_range[0] == s.sources[0].layer_range[1] for s in self.slices):
+            raise ValueError("every layer_range is empty: the merge would have no layers")
+        if self.tokenizer_source == "union":
+            raise ValueError("tokenizer_source: union is not supported (use base or a model)")
+        return self
+
+    def models(self) -> list[str]:
+        refs = [self.base_model] if self.base_model else []
+        refs += [s.sources[0].model for s in self.slices]
+        if self.tokenizer_source and self.tokenizer_source != "base":
+            refs.append(self.tokenizer_source)
+        return list(dict.fromkeys(refs))
+
+
+class BlockExpansionConfig(_MergeConfig):
+    """LLaMA Pro block expansion: copies of layers whose output projections are zeroed."""
+
+    merge_method: Literal["block_expansion"]
+    model: str
+    interleave: PositiveInt | None = None
+    append: PositiveInt | None = None
+    zero: Annotated[list[str], Field(min_length=1)] = ["o_proj", "down_proj"]
+
+    @model_validator(mode="after")
+    def _one_pattern(self) -> BlockExpansionConfig:
+        if (self.interleave is None) == (self.append is None):
+            raise ValueError("give exactly one of interleave: N or append: K")
+        return self
+
+    def models(self) -> list[str]:
+        return [self.model]
+
+
+MergeConfig = PassthroughConfig | BlockExpansionConfig
+METHODS: dict[str, type[MergeConfig]] = {
+    "passthrough": PassthroughConfig,
+    "block_expansion": BlockExpansionConfig,
+}
+
+
+def parse_config(data: Any, where: str) -> MergeConfig:
+    """Validate a config mapping; errors name `where` and the offending key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of config keys, got {type(data).__name__}")
+    method = data.get("merge_method")
+    if method is None:
+        raise ConfigError(f"{where}: missing key merge_method (one of: {', '.join(METHODS)})")
+    if method not in METHODS:
+        raise ConfigError(
+            f"{where}: merge_method: unknown method {method!r} (one of: {', '.join(METHODS)})"
+        )
+    try:
+        return METHODS[method].model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{where}: {_describe(e)}") from None
+
+
+def load_config(path: Path) -> MergeConfig:
+    """Read and validate a YAML config file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{line}: {problem}") from None
+    return parse_config(data, str(path))
+
+
+def _describe(error: ValidationError) -> str:
+    """One line for the first validation error: `slices[0].sources[0].layer_range: ...`."""
+    first = error.errors()[0]
+    path = ""
+    for part in first["loc"]:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part.isidentifier():  # skips pydantic's union-member tags like 'list[float]'
+            path += f".{part}" if path else part
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    return f"{path}: {message}" if path else message

@@ -1,0 +1,95 @@
+"""The Python API behind `hubmerge merge`: config -> sources -> plan -> one streamed output.
+
+Everything that can be checked is checked before the output folder is created: the config,
+every source's files and headers, architecture and shape compatibility, and the plan itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hubmerge import arch
+from hubmerge.config import BlockExpansionConfig, MergeConfig, PassthroughConfig, load_config
+from hubmerge.errors import SourceError
+from hubmerge.methods import block_expansion, passthrough
+from hubmerge.plan import MergePlan, recipe_yaml
+from hubmerge.sources import ModelSource
+from hubmerge.writer import Progress, staged_output, write_model
+
+RECIPE_FILE = "mergekit_config.yml"
+CONFIG_FILE = "hubmerge_config.yml"
+
+
+@dataclass(frozen=True)
+class MergeContext:
+    """What a method may need beyond its config: where reports go and where to compute."""
+
+    out_dir: Path
+    #: The staging folder that becomes `out_dir`; None on a dry run (write nothing).
+    staging: Path | None
+    device: str = "cpu"
+
+
+Planner = Callable[[Any, Mapping[str, ModelSource], MergeContext], MergePlan]
+PLANNERS: dict[type, Planner] = {
+    PassthroughConfig: lambda c, s, _: passthrough.plan(c, s),
+    BlockExpansionConfig: lambda c, s, _: block_expansion.plan(c, s),
+}
+
+
+@dataclass
+class MergeResult:
+    plan: MergePlan
+    recipe: dict[str, Any]
+    out_dir: Path | None
+
+
+def open_sources(refs: list[str], *, allow_pickle: bool = False) -> dict[str, ModelSource]:
+    """Open every model and check that their layers can be stacked together."""
+    sources = {ref: ModelSource.open(ref, allow_pickle=allow_pickle) for ref in refs}
+    first = sources[refs[0]]
+    for ref, source in sources.items():
+        if arch.architecture(source.config, ref) != arch.architecture(first.config, first.ref):
+            raise SourceError(f"{ref}: architecture {source.config['architectures'][0]} differs "
+                              f"from {first.ref}'s {first.config['architectures'][0]}")  # fmt: skip
+        for key in arch.SHAPE_FIELDS:
+            if source.config.get(key) != first.config.get(key):
+                raise SourceError(f"{ref}: {key} {source.config.get(key)} differs from "
+                                  f"{first.ref}'s {first.config.get(key)}")  # fmt: skip
+        source.layers  # noqa: B018 - validates the layer tensors before anything is written
+    return sources
+
+
+def merge(
+    config: MergeConfig | Path,
+    out_dir: Path,
+    *,
+    dry_run: bool = False,
+    dtype: str | None = None,
+    shard_size: int = 5 * 10**9,
+    force: bool = False,
+    allow_pickle: bool = False,
+    device: str = "cpu",
+    progress: Progress | None = None,
+) -> MergeResult:
+    """Build the model `config` describes into `out_dir`, or only plan it with `dry_run`."""
+    if isinstance(config, Path):
+        config = load_config(config)
+    if dtype is not None:
+        config = config.model_copy(update={"out_dtype": dtype})
+    sources = open_sources(config.models(), allow_pickle=allow_pickle)
+    if dry_run:
+        plan = PLANNERS[type(config)](config, sources, MergeContext(out_dir, None, device))
+        return MergeResult(plan, plan.to_recipe(sources), None)
+    with staged_output(out_dir, force=force) as staging:
+        plan = PLANNERS[type(config)](config, sources, MergeContext(out_dir, staging, device))
+        recipe = plan.to_recipe(sources)
+        write_model(plan, sources, staging, shard_size=shard_size, progress=progress)
+        (staging / RECIPE_FILE).write_text(recipe_yaml(recipe))
+        (staging / CONFIG_FILE).write_text(
+            recipe_yaml(config.model_dump(mode="json", exclude_none=True))
+        )
+    return MergeResult(plan, recipe, Path(out_dir).absolute())

@@ -1,0 +1,1 @@
+"""Merge methods. Each turns its config and the opened sources into a `MergePlan`."""

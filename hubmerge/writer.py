@@ -1,0 +1,215 @@
+"""The one streaming writer every plan goes through, and the atomic finish of an output folder.
+
+Shard layouts are computed from headers before a byte is written, so each shard's header is
+written first and its tensors are streamed after it: an unscaled tensor is copied file-to-file
+by the kernel (`copy_file_range`), a scaled or cast one is computed alone in memory. Peak memory
+is therefore about one tensor, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from hubmerge import arch
+from hubmerge.errors import ConfigError, OutputError, SourceError
+from hubmerge.plan import MergePlan, OutputTensor
+from hubmerge.sources import ModelSource
+from hubmerge.tensorfile import DTYPE_CODES, DTYPE_NAMES, ITEMSIZE, encode_header, transform
+
+#: Tokenizer files copied from the tokenizer donor (chat template included).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "merges.txt", "chat_template.jinja", "chat_template.json")  # fmt: skip
+_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+          "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+_COPY_CHUNK = 1 << 26
+
+
+class Progress(Protocol):
+    """What the writer reports while it works (the CLI shows it as a rich progress bar)."""
+
+    def start(self, total_bytes: int, total_tensors: int) -> None: ...
+
+    def advance(self, nbytes: int) -> None: ...
+
+
+def parse_size(text: str) -> int:
+    """`5GB` -> 5_000_000_000 (decimal suffixes as mergekit uses them; `GiB` is binary)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ConfigError(f"--out-shard-size: cannot read {text!r} (use e.g. 5GB, 500MB)")
+    size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if size <= 0:
+        raise ConfigError(f"--out-shard-size: {text!r} must be positive")
+    return size
+
+
+@dataclass(frozen=True)
+class _Planned:
+    tensor: OutputTensor
+    compute: str
+    out: str
+
+    @property
+    def raw(self) -> bool:
+        return self.tensor.scale == 1.0 and self.tensor.source.dtype == self.compute == self.out
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.source.nbytes // ITEMSIZE[self.tensor.source.dtype] * ITEMSIZE[self.out]
+
+
+def write_model(
+    plan: MergePlan,
+    sources: Mapping[str, ModelSource],
+    out_dir: Path,
+    *,
+    shard_size: int,
+    progress: Progress | None = None,
+) -> None:
+    """Write the plan's weights, config and tokenizer into `out_dir` (an empty folder)."""
+    planned = _lay_out(plan, sources)
+    shards = _shard(planned, shard_size)
+    if progress:
+        progress.start(sum(p.nbytes for p in planned), len(planned))
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        handles: dict[Path, BinaryIO] = {}
+
+        def handle(path: Path) -> BinaryIO:
+            if path not in handles:
+                handles[path] = stack.enter_context(path.open("rb"))
+            return handles[path]
+
+        for name, shard in zip(names, shards, strict=True):
+            with (out_dir / name).open("wb") as out:
+                out.write(encode_header([(p.tensor.name, p.out, p.tensor.source.shape, p.nbytes)
+                                         for p in shard]))  # fmt: skip
+                for p in shard:
+                    if p.raw:
+                        _copy_range(handle(p.tensor.source.file), out, p.tensor.source.offset,
+                                    p.nbytes)  # fmt: skip
+                    else:
+                        out.write(transform(p.tensor.source, p.tensor.scale, p.compute, p.out))
+                    if progress:
+                        progress.advance(p.nbytes)
+    if len(shards) > 1:
+        weight_map = {p.tensor.name: name for name, shard in zip(names, shards) for p in shard}
+        index = {"metadata": {"total_size": sum(p.nbytes for p in planned)},
+                 "weight_map": weight_map}  # fmt: skip
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    _write_config(plan, sources, planned, out_dir)
+    _copy_support_files(plan, sources, out_dir)
+
+
+def _lay_out(plan: MergePlan, sources: Mapping[str, ModelSource]) -> list[_Planned]:
+    compute_override = DTYPE_CODES[plan.dtype] if plan.dtype else None
+    out_override = DTYPE_CODES[plan.out_dtype] if plan.out_dtype else None
+    planned = []
+    for tensor in plan.tensors(sources):
+        compute = compute_override or tensor.source.dtype
+        p = _Planned(tensor, compute, out_override or compute)
+        if not p.raw and tensor.source.dtype not in DTYPE_NAMES:
+            raise SourceError(f"{tensor.source.file}: tensor {tensor.source.name} is "
+                              f"{tensor.source.dtype}, which hubmerge cannot scale or cast")  # fmt: skip
+        planned.append(p)
+    return planned
+
+
+def _shard(planned: list[_Planned], shard_size: int) -> list[list[_Planned]]:
+    """Greedy in file order: a new shard starts when the next tensor would overflow this one."""
+    shards: list[list[_Planned]] = [[]]
+    size = 0
+    for p in planned:
+        if shards[-1] and size + p.nbytes > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(p)
+        size += p.nbytes
+    return shards
+
+
+def _copy_range(src: BinaryIO, dst: BinaryIO, offset: int, count: int) -> None:
+    """Copy bytes file-to-file in the kernel where possible (no trip through user memory)."""
+    dst.flush()
+    try:
+        while count:
+            done = os.copy_file_range(src.fileno(), dst.fileno(), count, offset)
+            if done == 0:
+                raise OSError("source ended early")
+            offset += done
+            count -= done
+        dst.seek(0, os.SEEK_END)
+        return
+    except (AttributeError, OSError):
+        dst.seek(0, os.SEEK_END)  # fall back to a buffered copy from where the kernel stopped
+    while count:
+        chunk = os.pread(src.fileno(), min(count, _COPY_CHUNK), offset)
+        if not chunk:
+            raise SourceError(f"{src.name}: file ended early (truncated while merging?)")
+        dst.write(chunk)
+        offset += len(chunk)
+        count -= len(chunk)
+
+
+def _write_config(plan: MergePlan, sources: Mapping[str, ModelSource], planned: list[_Planned],
+                  out_dir: Path) -> None:  # fmt: skip
+    donor = sources[plan.donor].config
+    dtype = plan.out_dtype or plan.dtype or donor.get("dtype") or donor.get("torch_dtype")
+    if dtype is None:
+        dtype = DTYPE_NAMES.get(planned[0].out, "float32")
+    layer_sources = [(sources[layer.model].config, layer.layer) for layer in plan.layers]
+    config = arch.rewrite_config(donor, layer_sources, dtype)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _copy_support_files(plan: MergePlan, sources: Mapping[str, ModelSource], out_dir: Path) -> None:
+    generation = sources[plan.donor].path / "generation_config.json"
+    if generation.exists():
+        shutil.copyfile(generation, out_dir / generation.name)
+    tokenizer_dir = sources[plan.tokenizer].path
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+            shutil.copyfile(tokenizer_dir / name, out_dir / name)
+
+
+@contextlib.contextmanager
+def staged_output(out_dir: Path, *, force: bool) -> Iterator[Path]:
+    """A temporary sibling folder that becomes `out_dir` only if the block completes.
+
+    A failed or interrupted merge removes its staging folder; a killed one leaves only a hidden
+    `.NAME.partial-PID` folder, never something that looks like a finished model, and the next
+    run clears it. An existing `out_dir` is replaced only with `force`, and only at the end.
+    """
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and not force:
+        raise OutputError(f"{out_dir}: already exists (pass --force to replace it)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: exists and is not a folder")
+    parent = out_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    for stale in parent.glob(f".{out_dir.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = parent / f".{out_dir.name}.partial-{os.getpid()}"
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        trash = parent / f".{out_dir.name}.replaced-{os.getpid()}"
+        out_dir.rename(trash)
+        staging.rename(out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        staging.rename(out_dir)
