@@ -15,18 +15,31 @@ from typing import Any
 from hubmerge.errors import SourceError
 
 #: `config.json` `architectures` entries hubmerge knows the layout of.
-SUPPORTED: frozenset[str] = frozenset({
-    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-    "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
-})  # fmt: skip
+SUPPORTED: frozenset[str] = frozenset(
+    {
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "Gemma2ForCausalLM",
+        "Gemma3ForCausalLM",
+        "Phi3ForCausalLM",
+    }
+)
 
 LAYER_PREFIX = "model.layers."
 EMBED_PREFIX = "model.embed_tokens."
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 #: Fields that must match for layers of two models to be stacked.
-SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-                "head_dim", "vocab_size")  # fmt: skip
+SHAPE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+)
 
 
 def architecture(config: dict[str, Any], where: str) -> str:

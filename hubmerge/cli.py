@@ -64,14 +64,18 @@ def print_plan(plan: Any) -> None:
 @app.command()
 @_friendly
 def merge(
-    config: Annotated[Path, typer.Argument(help="Merge config (YAML; mergekit passthrough works).")],
+    config: Annotated[
+        Path, typer.Argument(help="Merge config (YAML; mergekit passthrough works).")
+    ],
     out_dir: Annotated[Path, typer.Argument(help="Output folder (created when complete).")],
     dry_run: Annotated[bool, typer.Option(help="Print the plan; write nothing.")] = False,
     dtype: Annotated[DType | None, typer.Option(help="Output dtype (overrides out_dtype).")] = None,
     out_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB.")] = "5GB",
     device: Annotated[str, typer.Option(help="Where NER/OLM compute (cpu, cuda).")] = "cpu",
     force: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists.")] = False,
-    allow_pickle: Annotated[bool, typer.Option(help="Load .bin checkpoints (weights_only).")] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option(help="Load .bin checkpoints (weights_only).")
+    ] = False,
 ) -> None:
     """Build a model from other models' layers, as CONFIG describes, into OUT_DIR."""
     from hubmerge.merge import RECIPE_FILE
@@ -81,10 +85,16 @@ def merge(
     shard_size = parse_size(out_shard_size)
     with _ProgressBar() as bar:
         result = run_merge(
-            config, out_dir, dry_run=dry_run, dtype=dtype.value if dtype else None,
-            shard_size=shard_size, force=force, allow_pickle=allow_pickle, device=device,
+            config,
+            out_dir,
+            dry_run=dry_run,
+            dtype=dtype.value if dtype else None,
+            shard_size=shard_size,
+            force=force,
+            allow_pickle=allow_pickle,
+            device=device,
             progress=None if dry_run else bar,
-        )  # fmt: skip
+        )
     print_plan(result.plan)
     if result.out_dir is not None:
         out.print(f"wrote {result.out_dir} (recipe: {RECIPE_FILE})")
@@ -95,22 +105,32 @@ class _ProgressBar:
 
     def __enter__(self) -> _ProgressBar:
         from rich.progress import (
-            BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
             TransferSpeedColumn,
-        )  # fmt: skip
+        )
 
         self._progress = Progress(
-            TextColumn("writing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-            TextColumn("{task.fields[done]}/{task.fields[count]} tensors"), TimeRemainingColumn(),
-            console=console, transient=True,
-        )  # fmt: skip
+            TextColumn("writing"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TextColumn("{task.fields[done]}/{task.fields[count]} tensors"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
         self._task: Any = None
         return self
 
     def start(self, total_bytes: int, total_tensors: int) -> None:
         self._progress.start()
-        self._task = self._progress.add_task("merge", total=total_bytes, done=0,
-                                             count=total_tensors)  # fmt: skip
+        self._task = self._progress.add_task(
+            "merge", total=total_bytes, done=0, count=total_tensors
+        )
 
     def advance(self, nbytes: int) -> None:
         done = self._progress.tasks[0].fields["done"] + 1

@@ -7,6 +7,7 @@ model forbids unknown keys, so a typo is an error naming the key instead of a si
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -154,15 +155,30 @@ def load_config(path: Path) -> MergeConfig:
 
 
 def _describe(error: ValidationError) -> str:
-    """One line for the first validation error: `slices[0].sources[0].layer_range: ...`."""
-    first = error.errors()[0]
+    """One line for the most telling validation error: `slices[0].sources[0].layer_range: ...`.
+
+    An unknown key is reported before anything else, since a misspelt key also makes the
+    intended one "missing"; the missing name, if close, is offered as the fix.
+    """
+    errors = error.errors()
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        key, parent = str(first["loc"][-1]), first["loc"][:-1]
+        missing = [
+            str(e["loc"][-1]) for e in errors if e["type"] == "missing" and e["loc"][:-1] == parent
+        ]
+        close = difflib.get_close_matches(key, missing, n=1)
+        message = "unknown key" + (f" (did you mean {close[0]}?)" if close else "")
+    path = _loc(first["loc"])
+    return f"{path}: {message}" if path else message
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
     path = ""
-    for part in first["loc"]:
+    for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
         elif part.isidentifier():  # skips pydantic's union-member tags like 'list[float]'
             path += f".{part}" if path else part
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        message = "unknown key"
-    return f"{path}: {message}" if path else message
+    return path

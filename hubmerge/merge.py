@@ -53,12 +53,16 @@ def open_sources(refs: list[str], *, allow_pickle: bool = False) -> dict[str, Mo
     first = sources[refs[0]]
     for ref, source in sources.items():
         if arch.architecture(source.config, ref) != arch.architecture(first.config, first.ref):
-            raise SourceError(f"{ref}: architecture {source.config['architectures'][0]} differs "
-                              f"from {first.ref}'s {first.config['architectures'][0]}")  # fmt: skip
+            raise SourceError(
+                f"{ref}: architecture {source.config['architectures'][0]} differs "
+                f"from {first.ref}'s {first.config['architectures'][0]}"
+            )
         for key in arch.SHAPE_FIELDS:
             if source.config.get(key) != first.config.get(key):
-                raise SourceError(f"{ref}: {key} {source.config.get(key)} differs from "
-                                  f"{first.ref}'s {first.config.get(key)}")  # fmt: skip
+                raise SourceError(
+                    f"{ref}: {key} {source.config.get(key)} differs from "
+                    f"{first.ref}'s {first.config.get(key)}"
+                )
         source.layers  # noqa: B018 - validates the layer tensors before anything is written
     return sources
 

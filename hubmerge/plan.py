@@ -67,8 +67,9 @@ class MergePlan:
             yield OutputTensor(name, info, self.embed.scales.get(name, 1.0))
         for index, layer in enumerate(self.layers):
             for suffix, info in sources[layer.model].layers[layer.layer].items():
-                yield OutputTensor(arch.layer_name(index, suffix), info,
-                                   layer.scales.get(suffix, 1.0))  # fmt: skip
+                yield OutputTensor(
+                    arch.layer_name(index, suffix), info, layer.scales.get(suffix, 1.0)
+                )
         for name, info in edge_tensors(sources[self.head.model], pre=False).items():
             yield OutputTensor(name, info, self.head.scales.get(name, 1.0))
 
@@ -91,7 +92,12 @@ class MergePlan:
         groups: list[tuple[str, int, int, dict[str, float]]] = []
         for layer in self.layers:
             last = groups[-1] if groups else None
-            if last and last[0] == layer.model and last[2] == layer.layer and last[3] == layer.scales:
+            if (
+                last
+                and last[0] == layer.model
+                and last[2] == layer.layer
+                and last[3] == layer.scales
+            ):
                 groups[-1] = (last[0], last[1], last[2] + 1, last[3])
             else:
                 groups.append((layer.model, layer.layer, layer.layer + 1, dict(layer.scales)))
@@ -104,20 +110,28 @@ class MergePlan:
         slices = []
         for i, (model, start, end, scales) in enumerate(groups):
             source: dict[str, Any] = {"model": model, "layer_range": [start, end]}
-            owned = {arch.layer_name(j, s): scales.get(s, 1.0)
-                     for j in range(start, end) for s in sources[model].layers[j]}  # fmt: skip
+            owned = {
+                arch.layer_name(j, s): scales.get(s, 1.0)
+                for j in range(start, end)
+                for s in sources[model].layers[j]
+            }
             if i == 0:
-                owned |= {n: self.embed.scales.get(n, 1.0)
-                          for n in edge_tensors(sources[model], pre=True)}  # fmt: skip
+                owned |= {
+                    n: self.embed.scales.get(n, 1.0) for n in edge_tensors(sources[model], pre=True)
+                }
             if i == len(groups) - 1:
-                owned |= {n: self.head.scales.get(n, 1.0)
-                          for n in edge_tensors(sources[model], pre=False)}  # fmt: skip
+                owned |= {
+                    n: self.head.scales.get(n, 1.0) for n in edge_tensors(sources[model], pre=False)
+                }
             rules = _scale_rules(owned)
             if rules:
                 source["parameters"] = {"scale": rules}
             slices.append({"sources": [source]})
-        recipe: dict[str, Any] = {"merge_method": "passthrough", "base_model": self.donor,
-                                  "slices": slices}  # fmt: skip
+        recipe: dict[str, Any] = {
+            "merge_method": "passthrough",
+            "base_model": self.donor,
+            "slices": slices,
+        }
         if self.tokenizer != self.donor:
             recipe["tokenizer_source"] = self.tokenizer
         if self.dtype:
@@ -141,8 +155,9 @@ def _scales_text(scales: Mapping[str, float]) -> str:
     by_value: dict[float, list[str]] = {}
     for name, value in scales.items():
         by_value.setdefault(value, []).append(_module(name))
-    return ", ".join(f"{'/'.join(dict.fromkeys(names))} x{value:g}"
-                     for value, names in by_value.items())  # fmt: skip
+    return ", ".join(
+        f"{'/'.join(dict.fromkeys(names))} x{value:g}" for value, names in by_value.items()
+    )
 
 
 def _module(name: str) -> str:

@@ -25,9 +25,17 @@ from hubmerge.tensorfile import TensorInfo, read_header
 #: What a merge needs from a model repository; nothing else is downloaded.
 CONFIG_PATTERNS = ["config.json"]
 SUPPORT_PATTERNS = [
-    "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
-    "added_tokens.json", "vocab.*", "merges.txt", "*.model", "chat_template.*", "README.md",
-]  # fmt: skip
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+    "chat_template.*",
+    "README.md",
+]
 WEIGHT_PATTERNS = ["*.safetensors", "model.safetensors.index.json"]
 PICKLE_PATTERNS = ["*.bin", "pytorch_model.bin.index.json"]
 

@@ -25,10 +25,19 @@ from hubmerge.errors import SourceError
 
 #: safetensors dtype code -> item size in bytes.
 ITEMSIZE: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1,
-}  # fmt: skip
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 #: config/torch dtype names -> safetensors dtype codes (the float types hubmerge can compute in).
 DTYPE_CODES: dict[str, str] = {
@@ -101,7 +110,11 @@ def encode_header(entries: list[tuple[str, str, tuple[int, ...], int]]) -> bytes
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, dtype, shape, nbytes in entries:
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -111,10 +124,13 @@ def encode_header(entries: list[tuple[str, str, tuple[int, ...], int]]) -> bytes
 def read_array(info: TensorInfo) -> np.ndarray:
     """Read one tensor as a flat numpy array of its storage type (bf16 as uint16 bits)."""
     if info.dtype not in _NUMPY:
-        raise SourceError(f"{info.file}: tensor {info.name!r} has dtype {info.dtype}, "
-                          "which hubmerge can copy but not scale or cast")  # fmt: skip
-    return np.fromfile(info.file, dtype=_NUMPY[info.dtype], count=math.prod(info.shape),
-                       offset=info.offset)  # fmt: skip
+        raise SourceError(
+            f"{info.file}: tensor {info.name!r} has dtype {info.dtype}, "
+            "which hubmerge can copy but not scale or cast"
+        )
+    return np.fromfile(
+        info.file, dtype=_NUMPY[info.dtype], count=math.prod(info.shape), offset=info.offset
+    )
 
 
 def to_float32(arr: np.ndarray, dtype: str) -> np.ndarray:

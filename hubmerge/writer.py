@@ -25,11 +25,34 @@ from hubmerge.sources import ModelSource
 from hubmerge.tensorfile import DTYPE_CODES, DTYPE_NAMES, ITEMSIZE, encode_header, transform
 
 #: Tokenizer files copied from the tokenizer donor (chat template included).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                   "merges.txt", "chat_template.jinja", "chat_template.json")  # fmt: skip
-_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
-          "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 10**3,
+    "KB": 10**3,
+    "M": 10**6,
+    "MB": 10**6,
+    "G": 10**9,
+    "GB": 10**9,
+    "T": 10**12,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 _COPY_CHUNK = 1 << 26
 
 
@@ -80,8 +103,11 @@ def write_model(
     shards = _shard(planned, shard_size)
     if progress:
         progress.start(sum(p.nbytes for p in planned), len(planned))
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])  # fmt: skip
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     with contextlib.ExitStack() as stack:
         handles: dict[Path, BinaryIO] = {}
 
@@ -92,20 +118,28 @@ def write_model(
 
         for name, shard in zip(names, shards, strict=True):
             with (out_dir / name).open("wb") as out:
-                out.write(encode_header([(p.tensor.name, p.out, p.tensor.source.shape, p.nbytes)
-                                         for p in shard]))  # fmt: skip
+                out.write(
+                    encode_header(
+                        [(p.tensor.name, p.out, p.tensor.source.shape, p.nbytes) for p in shard]
+                    )
+                )
                 for p in shard:
                     if p.raw:
-                        _copy_range(handle(p.tensor.source.file), out, p.tensor.source.offset,
-                                    p.nbytes)  # fmt: skip
+                        _copy_range(
+                            handle(p.tensor.source.file), out, p.tensor.source.offset, p.nbytes
+                        )
                     else:
                         out.write(transform(p.tensor.source, p.tensor.scale, p.compute, p.out))
                     if progress:
                         progress.advance(p.nbytes)
     if len(shards) > 1:
-        weight_map = {p.tensor.name: name for name, shard in zip(names, shards) for p in shard}
-        index = {"metadata": {"total_size": sum(p.nbytes for p in planned)},
-                 "weight_map": weight_map}  # fmt: skip
+        weight_map = {
+            p.tensor.name: name for name, shard in zip(names, shards, strict=True) for p in shard
+        }
+        index = {
+            "metadata": {"total_size": sum(p.nbytes for p in planned)},
+            "weight_map": weight_map,
+        }
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     _write_config(plan, sources, planned, out_dir)
     _copy_support_files(plan, sources, out_dir)
@@ -119,8 +153,10 @@ def _lay_out(plan: MergePlan, sources: Mapping[str, ModelSource]) -> list[_Plann
         compute = compute_override or tensor.source.dtype
         p = _Planned(tensor, compute, out_override or compute)
         if not p.raw and tensor.source.dtype not in DTYPE_NAMES:
-            raise SourceError(f"{tensor.source.file}: tensor {tensor.source.name} is "
-                              f"{tensor.source.dtype}, which hubmerge cannot scale or cast")  # fmt: skip
+            raise SourceError(
+                f"{tensor.source.file}: tensor {tensor.source.name} is "
+                f"{tensor.source.dtype}, which hubmerge cannot scale or cast"
+            )
         planned.append(p)
     return planned
 
@@ -161,8 +197,9 @@ def _copy_range(src: BinaryIO, dst: BinaryIO, offset: int, count: int) -> None:
         count -= len(chunk)
 
 
-def _write_config(plan: MergePlan, sources: Mapping[str, ModelSource], planned: list[_Planned],
-                  out_dir: Path) -> None:  # fmt: skip
+def _write_config(
+    plan: MergePlan, sources: Mapping[str, ModelSource], planned: list[_Planned], out_dir: Path
+) -> None:
     donor = sources[plan.donor].config
     dtype = plan.out_dtype or plan.dtype or donor.get("dtype") or donor.get("torch_dtype")
     if dtype is None:

@@ -55,6 +55,8 @@ def _zeroed(config: BlockExpansionConfig, model: ModelSource) -> list[dict[str, 
         scales = {s: 0.0 for s in tensors if any(z in s for z in config.zero)}
         for z in config.zero:
             if not any(z in s for s in tensors):
-                raise ConfigError(f"zero: {z!r} matches no tensor in layer {index} of {config.model}")
+                raise ConfigError(
+                    f"zero: {z!r} matches no tensor in layer {index} of {config.model}"
+                )
         result.append(scales)
     return result

@@ -36,16 +36,22 @@ def plan(config: PassthroughConfig, sources: Mapping[str, ModelSource]) -> Merge
         for k in range(count):
             t = k / (count - 1) if count > 1 else 1.0
             index = start + k
-            scales = {suffix: s for suffix in model.layers[index]
-                      if (s := _scale(arch.layer_name(index, suffix), t, levels)) != 1.0}  # fmt: skip
+            scales = {
+                suffix: s
+                for suffix in model.layers[index]
+                if (s := _scale(arch.layer_name(index, suffix), t, levels)) != 1.0
+            }
             layers.append(LayerPlan(source.model, index, scales))
 
     def edge(i: int, t: float, pre: bool) -> EdgePlan:
         out_slice = config.slices[i]
         model = out_slice.sources[0].model
         levels = [out_slice.sources[0].parameters, out_slice.parameters, config.parameters]
-        scales = {n: s for n in edge_tensors(sources[model], pre=pre)
-                  if (s := _scale(n, t, levels)) != 1.0}  # fmt: skip
+        scales = {
+            n: s
+            for n in edge_tensors(sources[model], pre=pre)
+            if (s := _scale(n, t, levels)) != 1.0
+        }
         return EdgePlan(model, scales)
 
     donor = config.base_model or config.slices[0].sources[0].model
