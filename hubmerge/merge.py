@@ -6,6 +6,7 @@ every source's files and headers, architecture and shape compatibility, and the 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from hubmerge.writer import Progress, staged_output, write_model
 
 RECIPE_FILE = "mergekit_config.yml"
 CONFIG_FILE = "hubmerge_config.yml"
+PLAN_FILE = "hubmerge_plan.json"
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ def merge(
         recipe = plan.to_recipe(sources)
         write_model(plan, sources, staging, shard_size=shard_size, progress=progress)
         (staging / RECIPE_FILE).write_text(recipe_yaml(recipe))
+        (staging / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
         (staging / CONFIG_FILE).write_text(
             recipe_yaml(config.model_dump(mode="json", exclude_none=True))
         )

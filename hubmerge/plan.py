@@ -81,6 +81,23 @@ class MergePlan:
         rows.append(("head", self.head.model, "-", _scales_text(self.head.scales)))
         return rows
 
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON-ready data (`hubmerge_plan.json`): what cards and the Space read."""
+        return {
+            "method": self.method,
+            "models": self.models,
+            "donor": self.donor,
+            "tokenizer": self.tokenizer,
+            "dtype": self.dtype,
+            "out_dtype": self.out_dtype,
+            "embed": {"model": self.embed.model, "scales": dict(self.embed.scales)},
+            "layers": [
+                {"model": layer.model, "layer": layer.layer, "scales": dict(layer.scales)}
+                for layer in self.layers
+            ],
+            "head": {"model": self.head.model, "scales": dict(self.head.scales)},
+        }
+
     def to_recipe(self, sources: Mapping[str, ModelSource]) -> dict[str, Any]:
         """The mergekit passthrough config that rebuilds this plan exactly.
 
