@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from hubmerge.display import Display
 from hubmerge.errors import HubmergeError
 
 app = typer.Typer(
@@ -71,11 +72,12 @@ def merge(
     dry_run: Annotated[bool, typer.Option(help="Print the plan; write nothing.")] = False,
     dtype: Annotated[DType | None, typer.Option(help="Output dtype (overrides out_dtype).")] = None,
     out_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB.")] = "5GB",
-    device: Annotated[str, typer.Option(help="Where NER/OLM compute (cpu, cuda).")] = "cpu",
+    device: Annotated[str | None, typer.Option(help="Where NER/OLM compute (cpu, cuda).")] = None,
     force: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists.")] = False,
     allow_pickle: Annotated[
         bool, typer.Option(help="Load .bin checkpoints (weights_only).")
     ] = False,
+    restart: Annotated[bool, typer.Option(help="Discard a saved unfinished OLM run.")] = False,
 ) -> None:
     """Build a model from other models' layers, as CONFIG describes, into OUT_DIR."""
     from hubmerge.merge import RECIPE_FILE
@@ -83,7 +85,7 @@ def merge(
     from hubmerge.writer import parse_size
 
     shard_size = parse_size(out_shard_size)
-    with _ProgressBar() as bar:
+    with Display(console) as display:
         result = run_merge(
             config,
             out_dir,
@@ -93,51 +95,76 @@ def merge(
             force=force,
             allow_pickle=allow_pickle,
             device=device,
-            progress=None if dry_run else bar,
+            restart=restart,
+            progress=display,
+            reporter=display,
         )
     print_plan(result.plan)
     if result.out_dir is not None:
         out.print(f"wrote {result.out_dir} (recipe: {RECIPE_FILE})")
 
 
-class _ProgressBar:
-    """A rich progress bar over bytes and tensors, shown only while something is written."""
+RepoId = Annotated[str, typer.Option("--repo-id", help="Hub repo to publish to: ORG/NAME.")]
+Private = Annotated[bool, typer.Option(help="Create the repo private (if it does not exist).")]
+Token = Annotated[
+    str | None,
+    typer.Option(help="Hub token (default: HF_TOKEN, then the stored login); never printed."),
+]
 
-    def __enter__(self) -> _ProgressBar:
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
 
-        self._progress = Progress(
-            TextColumn("writing"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TextColumn("{task.fields[done]}/{task.fields[count]} tensors"),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-        )
-        self._task: Any = None
-        return self
+@app.command()
+@_friendly
+def publish(
+    model_dir: Annotated[Path, typer.Argument(help="Model folder to upload, as it is.")],
+    repo_id: RepoId,
+    private: Private = False,
+    revision: Annotated[str | None, typer.Option(help="Branch (created if needed).")] = None,
+    create_pr: Annotated[bool, typer.Option(help="Open a pull request instead.")] = False,
+    commit_message: Annotated[str | None, typer.Option(help="Commit title.")] = None,
+    token: Token = None,
+    dry_run: Annotated[
+        bool, typer.Option(help="List the files and the card's metadata; no network.")
+    ] = False,
+) -> None:
+    """Create the Hub repo if needed and upload MODEL_DIR to it in one commit."""
+    from hubmerge.hub import publish as run_publish
 
-    def start(self, total_bytes: int, total_tensors: int) -> None:
-        self._progress.start()
-        self._task = self._progress.add_task(
-            "merge", total=total_bytes, done=0, count=total_tensors
-        )
+    result = run_publish(
+        model_dir,
+        repo_id,
+        private=private,
+        revision=revision,
+        create_pr=create_pr,
+        commit_message=commit_message,
+        token=token,
+        dry_run=dry_run,
+    )
+    print_published(result)
 
-    def advance(self, nbytes: int) -> None:
-        done = self._progress.tasks[0].fields["done"] + 1
-        self._progress.update(self._task, advance=nbytes, done=done)
 
-    def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
+def print_published(result: Any) -> None:
+    """A dry run's files, sizes and card metadata; a real run's model (and PR) URL."""
+    import yaml
+    from rich.filesize import decimal
+
+    if result.frontmatter is None:
+        console.print("warning: no README.md, so the repo will have no model card")
+    if not result.dry_run:
+        out.print(f"published {result.url}", highlight=False)
+        if result.pr_url:
+            out.print(f"pull request {result.pr_url}", highlight=False)
+        return
+    table = Table("file", "size")
+    table.columns[1].justify = "right"
+    for file in result.files:
+        table.add_row(file.path, decimal(file.size))
+    out.print(table)
+    total = decimal(sum(f.size for f in result.files))
+    private = " (private)" if result.private else ""
+    out.print(f"would upload {len(result.files)} files, {total}, to {result.url}{private}")
+    if result.frontmatter is not None:
+        out.print("README.md metadata:", highlight=False)
+        out.print(yaml.safe_dump(result.frontmatter, sort_keys=False), highlight=False, end="")
 
 
 def main() -> None:

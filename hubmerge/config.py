@@ -87,7 +87,7 @@ class PassthroughConfig(_MergeConfig):
             raise ValueError("tokenizer_source: union is not supported (use base or a model)")
         return self
 
-    def models(self) -> list[str]:
+    def referenced_models(self) -> list[str]:
         refs = [self.base_model] if self.base_model else []
         refs += [s.sources[0].model for s in self.slices]
         if self.tokenizer_source and self.tokenizer_source != "base":
@@ -110,14 +110,56 @@ class BlockExpansionConfig(_MergeConfig):
             raise ValueError("give exactly one of interleave: N or append: K")
         return self
 
-    def models(self) -> list[str]:
+    def referenced_models(self) -> list[str]:
         return [self.model]
 
 
-MergeConfig = PassthroughConfig | BlockExpansionConfig
+class OlmDataset(_Strict):
+    mode: Literal["exact", "bigram", "quality"]
+    #: Overrides the top-level `samples` for this dataset.
+    samples: PositiveInt | None = None
+
+
+class ExactLimits(_Strict):
+    #: None: the longest reference answer (in tokens) plus a small margin.
+    max_new_tokens: PositiveInt | None = None
+
+
+class QualityLimits(_Strict):
+    max_new_tokens: PositiveInt = 512
+    min_words: PositiveInt = 100
+    target_words: PositiveInt = 2048
+
+
+class OlmLimits(_Strict):
+    exact: ExactLimits = ExactLimits()
+    quality: QualityLimits = QualityLimits()
+
+
+class OlmConfig(_MergeConfig):
+    """OLM: greedy, evaluation-driven choice of each layer from a pool of same-shape models."""
+
+    merge_method: Literal["olm"]
+    models: Annotated[list[str], Field(min_length=1)]
+    dataset: Annotated[dict[str, OlmDataset], Field(min_length=1)]
+    base_model: str | None = None
+    direction: Literal["forward", "backward"] = "backward"
+    samples: PositiveInt = 200
+    limits: OlmLimits = OlmLimits()
+    aggregate: Literal["rank_mean", "copeland"] = "rank_mean"
+    device: str | None = None
+    batch_size: PositiveInt = 32
+    seed: int = 0
+
+    def referenced_models(self) -> list[str]:
+        return list(dict.fromkeys(([self.base_model] if self.base_model else []) + self.models))
+
+
+MergeConfig = PassthroughConfig | BlockExpansionConfig | OlmConfig
 METHODS: dict[str, type[MergeConfig]] = {
     "passthrough": PassthroughConfig,
     "block_expansion": BlockExpansionConfig,
+    "olm": OlmConfig,
 }
 
 

@@ -7,15 +7,22 @@ every source's files and headers, architecture and shape compatibility, and the 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from hubmerge import arch
-from hubmerge.config import BlockExpansionConfig, MergeConfig, PassthroughConfig, load_config
+from hubmerge.config import (
+    BlockExpansionConfig,
+    MergeConfig,
+    OlmConfig,
+    PassthroughConfig,
+    load_config,
+)
 from hubmerge.errors import SourceError
-from hubmerge.methods import block_expansion, passthrough
+from hubmerge.methods import block_expansion, olm, passthrough
 from hubmerge.plan import MergePlan, recipe_yaml
 from hubmerge.sources import ModelSource
 from hubmerge.writer import Progress, staged_output, write_model
@@ -32,13 +39,31 @@ class MergeContext:
     out_dir: Path
     #: The staging folder that becomes `out_dir`; None on a dry run (write nothing).
     staging: Path | None
-    device: str = "cpu"
+    #: `--device`; None lets the method decide (its config's `device`, else the CPU).
+    device: str | None = None
+    #: A hidden sibling folder for state that must survive a failed run (OLM's report), removed
+    #: once the output is complete; None on a dry run.
+    work_dir: Path | None = None
+    #: Discard saved state instead of resuming from it.
+    restart: bool = False
+    reporter: Reporter | None = None
+
+
+class Reporter(Protocol):
+    """How long-running methods show progress: bars with ETA and one-line log messages."""
+
+    def progress(self, description: str, total: int) -> Callable[[], None]:
+        """Start a bar of `total` steps; returns the function that advances it by one."""
+        ...
+
+    def log(self, message: str) -> None: ...
 
 
 Planner = Callable[[Any, Mapping[str, ModelSource], MergeContext], MergePlan]
 PLANNERS: dict[type, Planner] = {
     PassthroughConfig: lambda c, s, _: passthrough.plan(c, s),
     BlockExpansionConfig: lambda c, s, _: block_expansion.plan(c, s),
+    OlmConfig: olm.plan,
 }
 
 
@@ -78,20 +103,26 @@ def merge(
     shard_size: int = 5 * 10**9,
     force: bool = False,
     allow_pickle: bool = False,
-    device: str = "cpu",
+    device: str | None = None,
+    restart: bool = False,
     progress: Progress | None = None,
+    reporter: Reporter | None = None,
 ) -> MergeResult:
     """Build the model `config` describes into `out_dir`, or only plan it with `dry_run`."""
     if isinstance(config, Path):
         config = load_config(config)
     if dtype is not None:
         config = config.model_copy(update={"out_dtype": dtype})
-    sources = open_sources(config.models(), allow_pickle=allow_pickle)
+    sources = open_sources(config.referenced_models(), allow_pickle=allow_pickle)
+    planner = PLANNERS[type(config)]
     if dry_run:
-        plan = PLANNERS[type(config)](config, sources, MergeContext(out_dir, None, device))
+        plan = planner(config, sources, MergeContext(out_dir, None, device, reporter=reporter))
         return MergeResult(plan, plan.to_recipe(sources), None)
+    out_dir = Path(out_dir).absolute()
+    work_dir = out_dir.parent / f".{out_dir.name}.work"
     with staged_output(out_dir, force=force) as staging:
-        plan = PLANNERS[type(config)](config, sources, MergeContext(out_dir, staging, device))
+        context = MergeContext(out_dir, staging, device, work_dir, restart, reporter)
+        plan = planner(config, sources, context)
         recipe = plan.to_recipe(sources)
         write_model(plan, sources, staging, shard_size=shard_size, progress=progress)
         (staging / RECIPE_FILE).write_text(recipe_yaml(recipe))
@@ -99,4 +130,5 @@ def merge(
         (staging / CONFIG_FILE).write_text(
             recipe_yaml(config.model_dump(mode="json", exclude_none=True))
         )
-    return MergeResult(plan, recipe, Path(out_dir).absolute())
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return MergeResult(plan, recipe, out_dir)
