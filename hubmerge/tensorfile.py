@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -50,6 +52,8 @@ DTYPE_NAMES: dict[str, str] = {code: name for name, code in DTYPE_CODES.items()}
 
 _NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 _MAX_HEADER = 100_000_000
+#: Elements per arithmetic chunk: 1 MiB of float32, small enough to stay in L2.
+_CHUNK = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -136,34 +140,58 @@ def read_array(info: TensorInfo) -> np.ndarray:
 def to_float32(arr: np.ndarray, dtype: str) -> np.ndarray:
     """Widen stored values to float32 (float64 stays float64, so no precision is lost)."""
     if dtype == "BF16":
-        return (arr.astype(np.uint32) << 16).view(np.float32)
+        return np.left_shift(arr, 16, dtype=np.uint32).view(np.float32)
     if dtype == "F64":
         return arr
     return arr.astype(np.float32)
 
 
-def from_float(arr: np.ndarray, dtype: str) -> np.ndarray:
-    """Narrow float32/float64 values to `dtype`'s storage type, rounding to nearest even."""
-    if dtype == "BF16":
-        bits = arr.astype(np.float32).view(np.uint32)
-        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
-        # NaN must stay NaN: rounding could carry its mantissa into the exponent.
-        return np.where(np.isnan(arr), np.uint32(0x7FC0), rounded).astype(np.uint16)
-    return arr.astype(_NUMPY[dtype])
+def _narrow(wide: np.ndarray, dtype: str) -> np.ndarray:
+    """Round float32/float64 values to `dtype`'s storage type (nearest even; may reuse `wide`)."""
+    if dtype != "BF16":
+        return wide.astype(_NUMPY[dtype])
+    if wide.dtype != np.float32:
+        wide = wide.astype(np.float32)
+    nan = np.isnan(wide)
+    bits = wide.view(np.uint32)
+    lsb = (bits >> 16) & 1
+    bits += 0x7FFF
+    bits += lsb
+    bits >>= 16
+    if nan.any():  # rounding could carry a NaN's mantissa into the exponent: keep it a NaN
+        bits[nan] = 0x7FC0
+    return bits.astype(np.uint16)
 
 
-def transform(info: TensorInfo, scale: float, compute: str, out: str) -> bytes:
-    """Bytes of `info`'s tensor cast to `compute`, multiplied by `scale`, cast to `out`.
+def transform(info: TensorInfo, scale: float, compute: str, out: str, dst: BinaryIO) -> None:
+    """Write `info`'s tensor cast to `compute`, multiplied by `scale`, cast to `out`, to `dst`.
 
     This is the sequence mergekit runs for a passthrough tensor (load as `dtype`, multiply,
     save as `out_dtype`), each step rounding as torch does, so the results are bit-identical.
+    It works in cache-sized chunks with in-place arithmetic: memory stays at one chunk and the
+    CPU cost is a few passes over L2-resident data instead of over the whole tensor.
     """
-    arr = read_array(info)
-    if compute != info.dtype:
-        arr = from_float(to_float32(arr, info.dtype), compute)
-    if scale != 1.0:
-        wide = to_float32(arr, compute)
-        arr = from_float(wide * wide.dtype.type(scale), compute)
-    if out != compute:
-        arr = from_float(to_float32(arr, compute), out)
-    return arr.tobytes()
+    if info.dtype not in _NUMPY:
+        raise SourceError(
+            f"{info.file}: tensor {info.name!r} has dtype {info.dtype}, "
+            "which hubmerge can copy but not scale or cast"
+        )
+    itemsize = ITEMSIZE[info.dtype]
+    # Overflow to inf and NaN propagation are the intended IEEE results, as in torch.
+    with info.file.open("rb") as src, np.errstate(over="ignore", invalid="ignore"):
+        for begin in range(0, info.nbytes, _CHUNK * itemsize):
+            raw = os.pread(
+                src.fileno(), min(_CHUNK * itemsize, info.nbytes - begin), info.offset + begin
+            )
+            arr = np.frombuffer(raw, dtype=_NUMPY[info.dtype])
+            if compute != info.dtype:
+                arr = _narrow(to_float32(arr, info.dtype), compute)
+            if scale != 1.0:
+                wide = to_float32(arr, compute)
+                if wide is arr:  # float64 storage is widened in place: copy the read-only view
+                    wide = arr.copy()
+                wide *= wide.dtype.type(scale)
+                arr = _narrow(wide, compute)
+            if out != compute:
+                arr = _narrow(to_float32(arr, compute), out)
+            dst.write(arr.tobytes())

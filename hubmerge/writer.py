@@ -129,7 +129,7 @@ def write_model(
                             handle(p.tensor.source.file), out, p.tensor.source.offset, p.nbytes
                         )
                     else:
-                        out.write(transform(p.tensor.source, p.tensor.scale, p.compute, p.out))
+                        transform(p.tensor.source, p.tensor.scale, p.compute, p.out, out)
                     if progress:
                         progress.advance(p.nbytes)
     if len(shards) > 1:

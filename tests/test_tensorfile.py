@@ -1,0 +1,51 @@
+"""The numpy arithmetic of the merge path is bit-identical to torch's, special values included."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hubmerge.tensorfile import read_header, transform
+
+TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+@pytest.mark.parametrize("src", sorted(TORCH))
+@pytest.mark.parametrize("compute", sorted(TORCH))
+@pytest.mark.parametrize("out", ["BF16", "F32"])
+def test_transform_matches_torch(tmp_path: Path, src: str, compute: str, out: str) -> None:
+    special = torch.tensor(
+        [
+            0.0,
+            -0.0,
+            float("inf"),
+            -float("inf"),
+            float("nan"),
+            1e-40,
+            65504.0,
+            1.00390625,
+            1.01171875,
+            -3.3e38,
+        ]
+    )
+    values = torch.cat([special, torch.randn(20_000) * 3]).to(TORCH[src])
+    save_file({"w": values}, tmp_path / "t.safetensors")
+    info = read_header(tmp_path / "t.safetensors")["w"]
+    for scale in (1.0, 1.5, 0.0, -0.3, 3.14159):
+        buffer = io.BytesIO()
+        transform(info, scale, compute, out, buffer)
+        got = torch.frombuffer(bytearray(buffer.getvalue()), dtype=TORCH[out])
+        expected = values.to(TORCH[compute])
+        if scale != 1.0:
+            expected = expected * scale
+        expected = expected.to(TORCH[out])
+        assert torch.equal(got.isnan(), expected.isnan())
+        same = got == expected
+        assert bool((same | expected.isnan()).all()), (src, compute, out, scale)
+        # Signed zeros too: compare the sign bits where values are zero.
+        zeros = expected == 0
+        assert torch.equal(torch.signbit(got[zeros]), torch.signbit(expected[zeros]))
