@@ -78,6 +78,7 @@ def merge(
         bool, typer.Option(help="Load .bin checkpoints (weights_only).")
     ] = False,
     restart: Annotated[bool, typer.Option(help="Discard a saved unfinished OLM run.")] = False,
+    card: Annotated[bool, typer.Option(help="Write README.md, the model card.")] = True,
 ) -> None:
     """Build a model from other models' layers, as CONFIG describes, into OUT_DIR."""
     from hubmerge.merge import RECIPE_FILE
@@ -98,10 +99,88 @@ def merge(
             restart=restart,
             progress=display,
             reporter=display,
+            card=card,
         )
     print_plan(result.plan)
     if result.out_dir is not None:
         out.print(f"wrote {result.out_dir} (recipe: {RECIPE_FILE})")
+
+
+@app.command("card")
+@_friendly
+def card_command(
+    model_dir: Annotated[Path, typer.Argument(help="A `hubmerge merge` output folder.")],
+    results: Annotated[
+        list[Path] | None,
+        typer.Option("--results", help="lm-eval results JSON (repeat for several files)."),
+    ] = None,
+    template: Annotated[
+        Path | None, typer.Option(help="Jinja2 card template (default: hubmerge's).")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Card file (default MODEL_DIR/README.md).")
+    ] = None,
+    check: Annotated[
+        bool, typer.Option(help="Write nothing; exit 1 with a diff if the card is stale.")
+    ] = False,
+) -> None:
+    """Render MODEL_DIR's model card (README.md) with its lineage, recipe, layer map and results."""
+    from hubmerge.card import check_card, write_card
+
+    if check:
+        diff = check_card(model_dir, results=results or (), template=template, output=output)
+        if diff is not None:
+            out.print(diff, highlight=False, markup=False, soft_wrap=True)
+            console.print("the card is stale: run `hubmerge card` without --check to update it")
+            raise typer.Exit(1)
+        out.print("the card is up to date")
+        return
+    path = write_card(model_dir, results=results or (), template=template, output=output)
+    out.print(f"wrote {path}")
+
+
+@app.command("eval")
+@_friendly
+def eval_command(
+    model_dir: Annotated[Path, typer.Argument(help="Model folder to evaluate.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Results JSON to write.")],
+    tasks: Annotated[
+        list[str] | None,
+        typer.Option(help="lm-eval tasks, comma-separated or repeated (hubmerge_zoo is shipped)."),
+    ] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="Named task list: leaderboard (Open LLM v2) or zoo.")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="At most N documents per task (a quick check).")
+    ] = None,
+    batch_size: Annotated[str, typer.Option(help="Batch size, or auto.")] = "8",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps ...")] = "cpu",
+    include_path: Annotated[
+        list[Path] | None, typer.Option(help="Folder of extra lm-eval task YAMLs (repeatable).")
+    ] = None,
+    chat_template: Annotated[
+        bool | None,
+        typer.Option(
+            "--chat-template/--no-chat-template",
+            help="Prompt through the tokenizer's chat template (default: when it has one).",
+        ),
+    ] = None,
+) -> None:
+    """Run lm-evaluation-harness on MODEL_DIR and write lm-eval's results JSON for the card."""
+    from hubmerge.evals import resolve_tasks, run_eval
+
+    path = run_eval(
+        model_dir,
+        resolve_tasks(tasks or (), preset),
+        output=output,
+        limit=limit,
+        batch_size=int(batch_size) if batch_size.isdigit() else batch_size,
+        device=device,
+        include_path=include_path or (),
+        apply_chat_template=chat_template,
+    )
+    out.print(f"wrote {path}")
 
 
 RepoId = Annotated[str, typer.Option("--repo-id", help="Hub repo to publish to: ORG/NAME.")]
@@ -138,6 +217,7 @@ def publish(
         commit_message=commit_message,
         token=token,
         dry_run=dry_run,
+        log=console.print,
     )
     print_published(result)
 

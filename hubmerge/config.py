@@ -59,9 +59,32 @@ class OutputSlice(_Strict):
     parameters: Parameters | None = None
 
 
+class HubSettings(_Strict):
+    """`hub:`: where `hubmerge run`/`publish` put the model, and metadata for its card."""
+
+    repo_id: Annotated[str, Field(pattern=r"^[\w.-]+/[\w.-]+$")] | None = None
+    private: bool = False
+    #: An SPDX-style Hub license id; without it the card inherits the donors' common license.
+    license: str | None = None
+    tags: list[str] = []
+    language: str | list[str] | None = None
+
+
+class CardSettings(_Strict):
+    """`card:`: what the model card says beyond what hubmerge derives from the merge."""
+
+    title: str | None = None
+    summary: str | None = None
+    tags: list[str] = []
+    #: A Jinja2 template replacing hubmerge's default card (`hubmerge card --template` wins).
+    template: str | None = None
+
+
 class _MergeConfig(_Strict):
     dtype: DType | None = None
     out_dtype: DType | None = None
+    hub: HubSettings | None = None
+    card: CardSettings | None = None
 
 
 class PassthroughConfig(_MergeConfig):

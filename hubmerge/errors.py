@@ -21,3 +21,15 @@ class SourceError(HubmergeError):
 
 class OutputError(HubmergeError):
     """The output location cannot be written as asked (it exists, or is not a directory)."""
+
+
+class HubError(HubmergeError):
+    """Publishing failed: offline, not logged in, no access, or the Hub kept failing."""
+
+
+class CardError(HubmergeError):
+    """A model card cannot be rendered: a missing merge file, a bad template or results file."""
+
+
+class EvalError(HubmergeError):
+    """An evaluation cannot run: lm-eval missing, an unknown task, or no model in the folder."""

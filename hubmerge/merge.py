@@ -107,8 +107,12 @@ def merge(
     restart: bool = False,
     progress: Progress | None = None,
     reporter: Reporter | None = None,
+    card: bool = True,
 ) -> MergeResult:
-    """Build the model `config` describes into `out_dir`, or only plan it with `dry_run`."""
+    """Build the model `config` describes into `out_dir`, or only plan it with `dry_run`.
+
+    `card` writes the model card (README.md and layer_map.svg) once the weights are written.
+    """
     if isinstance(config, Path):
         config = load_config(config)
     if dtype is not None:
@@ -130,5 +134,12 @@ def merge(
         (staging / CONFIG_FILE).write_text(
             recipe_yaml(config.model_dump(mode="json", exclude_none=True))
         )
+        # Imported here: hubmerge.card reads the file names this module defines.
+        from hubmerge.card import SOURCES_FILE, sources_json, write_card
+
+        # Written even without a card, so that `hubmerge card` can render one later.
+        (staging / SOURCES_FILE).write_text(sources_json(sources))
+        if card:
+            write_card(staging, name=out_dir.name)
     shutil.rmtree(work_dir, ignore_errors=True)
     return MergeResult(plan, recipe, out_dir)

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import constants
 
+from hubmerge import hub as hubmerge_hub
+from tests.hubserver import TOKEN, HubServer
 from tests.tinymodels import make_model
 
 
@@ -25,3 +29,24 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run each test in its own folder so relative model paths and outputs stay contained."""
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[HubServer]:
+    """A Hub-compatible server on 127.0.0.1 for the real huggingface_hub client, logged in.
+
+    `HF_ENDPOINT` is set now for hubmerge, which reads it at call time, and patched into the
+    client's constants as if set at start (the client reads it at import). Xet is off, so uploads
+    go through preupload and commit; retries do not wait; no stored login can leak in.
+    """
+    with HubServer(TOKEN) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(hubmerge_hub, "RETRY", hubmerge_hub.RetryPolicy(delay=0))
+        yield server

@@ -65,7 +65,7 @@ def plan(config: PassthroughConfig, sources: Mapping[str, ModelSource]) -> Merge
         tokenizer=donor if tokenizer == "base" else tokenizer,
         dtype=config.dtype,
         out_dtype=config.out_dtype,
-        models=config.models(),
+        models=config.referenced_models(),
     )
 
 
