@@ -14,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from hubmerge.display import Display
@@ -47,7 +48,8 @@ def _friendly(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except HubmergeError as e:
-            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            # Escaped: messages quote user text and pip extras (`hubmerge[eval]`), not markup.
+            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -217,9 +219,60 @@ def publish(
         commit_message=commit_message,
         token=token,
         dry_run=dry_run,
-        log=console.print,
+        log=_log,
     )
     print_published(result)
+
+
+@app.command("run")
+@_friendly
+def run_command(
+    config: Annotated[
+        Path, typer.Argument(help="Merge config (YAML), with optional hub: and card:.")
+    ],
+    out_dir: Annotated[Path, typer.Argument(help="Output folder; a re-run resumes in it.")],
+    eval_tasks: Annotated[
+        str | None, typer.Option("--eval", help="lm-eval tasks to run, comma-separated.")
+    ] = None,
+    eval_preset: Annotated[
+        str | None, typer.Option(help="Named task list instead: leaderboard or zoo.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="At most N documents per task.")] = None,
+    push: Annotated[
+        str | None, typer.Option(help="Publish to ORG/NAME (default: the config's hub.repo_id).")
+    ] = None,
+    private: Private = False,
+    token: Token = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (merge and eval).")] = None,
+    force: Annotated[
+        bool, typer.Option(help="Start over: merge again, replacing OUT_DIR.")
+    ] = False,
+) -> None:
+    """Merge, evaluate, write the card and publish, in one go; a re-run resumes where it failed."""
+    from hubmerge.run import run
+
+    with Display(console) as display:
+        result = run(
+            config,
+            out_dir,
+            tasks=[eval_tasks] if eval_tasks else [],
+            preset=eval_preset,
+            limit=limit,
+            push=push,
+            private=private,
+            token=token,
+            force=force,
+            device=device,
+            progress=display,
+            reporter=display,
+            log=_log,
+        )
+    out.print(f"published {result.url}" if result.url else f"wrote {result.out_dir}")
+
+
+def _log(message: str) -> None:
+    """One line of progress on stderr (hubmerge's messages quote paths, never markup)."""
+    console.print(escape(message), highlight=False, soft_wrap=True)
 
 
 def print_published(result: Any) -> None:
@@ -230,21 +283,22 @@ def print_published(result: Any) -> None:
     if result.frontmatter is None:
         console.print("warning: no README.md, so the repo will have no model card")
     if not result.dry_run:
-        out.print(f"published {result.url}", highlight=False)
+        out.print(f"published {result.url}", highlight=False, markup=False)
         if result.pr_url:
-            out.print(f"pull request {result.pr_url}", highlight=False)
+            out.print(f"pull request {result.pr_url}", highlight=False, markup=False)
         return
     table = Table("file", "size")
     table.columns[1].justify = "right"
     for file in result.files:
-        table.add_row(file.path, decimal(file.size))
+        table.add_row(escape(file.path), decimal(file.size))
     out.print(table)
     total = decimal(sum(f.size for f in result.files))
     private = " (private)" if result.private else ""
     out.print(f"would upload {len(result.files)} files, {total}, to {result.url}{private}")
     if result.frontmatter is not None:
         out.print("README.md metadata:", highlight=False)
-        out.print(yaml.safe_dump(result.frontmatter, sort_keys=False), highlight=False, end="")
+        metadata = yaml.safe_dump(result.frontmatter, sort_keys=False)
+        out.print(metadata, highlight=False, markup=False, end="")
 
 
 def main() -> None:

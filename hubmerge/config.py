@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from hubmerge.errors import ConfigError
 
+_TYPE_TAGS = frozenset({"float", "int", "str", "bool", "list", "dict"})
+
 DType = Literal["float32", "float16", "bfloat16", "float64"]
 
 
@@ -178,11 +180,84 @@ class OlmConfig(_MergeConfig):
         return list(dict.fromkeys(([self.base_model] if self.base_model else []) + self.models))
 
 
-MergeConfig = PassthroughConfig | BlockExpansionConfig | OlmConfig
+class NerConfig(_MergeConfig):
+    """NER: each layer (or module) from the model whose weights have the highest NER."""
+
+    merge_method: Literal["ner"]
+    base_model: str
+    #: The candidates; the base model is always one of them.
+    models: Annotated[list[str], Field(min_length=1)]
+    granularity: Literal["layer", "module"] = "layer"
+    #: `minmax` rescales each matrix to [0, 1] first, as the public implementation does.
+    normalize: Literal["none", "minmax"] = "none"
+    #: `ner` chooses the embeddings and the head by NER too (never split when they are tied).
+    embeddings: Literal["base", "ner"] = "base"
+
+    def referenced_models(self) -> list[str]:
+        return list(dict.fromkeys([self.base_model, *self.models]))
+
+
+class LinearParameters(_Strict):
+    weight: ScaleSetting | None = None
+    normalize: bool | None = None
+
+
+class LinearSource(InputSlice):
+    parameters: LinearParameters | None = None  # type: ignore[assignment]
+
+
+class LinearSlice(_Strict):
+    sources: Annotated[list[LinearSource], Field(min_length=1)]
+    parameters: LinearParameters | None = None
+
+    @model_validator(mode="after")
+    def _equal_ranges(self) -> LinearSlice:
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
+        if len(lengths) > 1:
+            raise ValueError("every source of a slice must span the same number of layers")
+        if lengths == {0}:
+            raise ValueError("layer_range is empty")
+        models = [s.model for s in self.sources]
+        if len(set(models)) < len(models):
+            raise ValueError("a model is listed twice in one slice")
+        return self
+
+
+class LinearConfig(_MergeConfig):
+    """mergekit's `linear` where every tensor is a selection: one source weighted 1, others 0.
+
+    That is the form module-by-module plans take as a mergekit recipe (passthrough cannot take
+    single tensors from other models), and mergekit computes it exactly. True weighted averages
+    are refused when the plan is made.
+    """
+
+    merge_method: Literal["linear"]
+    slices: Annotated[list[LinearSlice], Field(min_length=1)]
+    base_model: str | None = None
+    tokenizer_source: str | None = None
+    parameters: LinearParameters | None = None
+
+    @model_validator(mode="after")
+    def _no_union_tokenizer(self) -> LinearConfig:
+        if self.tokenizer_source == "union":
+            raise ValueError("tokenizer_source: union is not supported (use base or a model)")
+        return self
+
+    def referenced_models(self) -> list[str]:
+        refs = [self.base_model] if self.base_model else []
+        refs += [source.model for s in self.slices for source in s.sources]
+        if self.tokenizer_source and self.tokenizer_source != "base":
+            refs.append(self.tokenizer_source)
+        return list(dict.fromkeys(refs))
+
+
+MergeConfig = PassthroughConfig | BlockExpansionConfig | OlmConfig | NerConfig | LinearConfig
 METHODS: dict[str, type[MergeConfig]] = {
     "passthrough": PassthroughConfig,
     "block_expansion": BlockExpansionConfig,
     "olm": OlmConfig,
+    "ner": NerConfig,
+    "linear": LinearConfig,
 }
 
 
@@ -244,6 +319,10 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif part.isidentifier():  # skips pydantic's union-member tags like 'list[float]'
+        elif part in _TYPE_TAGS or part[:1].isupper() or "[" in part or "-" in part:
+            continue  # pydantic's union-member tags ('float', 'list[float]'), not config keys
+        elif part.isidentifier():
             path += f".{part}" if path else part
+        else:
+            path += f"[{part!r}]"
     return path

@@ -16,13 +16,15 @@ from typing import Any, Protocol
 from hubmerge import arch
 from hubmerge.config import (
     BlockExpansionConfig,
+    LinearConfig,
     MergeConfig,
+    NerConfig,
     OlmConfig,
     PassthroughConfig,
     load_config,
 )
 from hubmerge.errors import SourceError
-from hubmerge.methods import block_expansion, olm, passthrough
+from hubmerge.methods import block_expansion, linear, ner, olm, passthrough
 from hubmerge.plan import MergePlan, recipe_yaml
 from hubmerge.sources import ModelSource
 from hubmerge.writer import Progress, staged_output, write_model
@@ -64,6 +66,8 @@ PLANNERS: dict[type, Planner] = {
     PassthroughConfig: lambda c, s, _: passthrough.plan(c, s),
     BlockExpansionConfig: lambda c, s, _: block_expansion.plan(c, s),
     OlmConfig: olm.plan,
+    NerConfig: ner.plan,
+    LinearConfig: lambda c, s, _: linear.plan(c, s),
 }
 
 
@@ -92,6 +96,12 @@ def open_sources(refs: list[str], *, allow_pickle: bool = False) -> dict[str, Mo
                 )
         source.layers  # noqa: B018 - validates the layer tensors before anything is written
     return sources
+
+
+def write_config(config: MergeConfig, folder: Path) -> None:
+    """Write `CONFIG_FILE`, the config as given (the card reads its `hub:` and `card:` from it)."""
+    data = config.model_dump(mode="json", exclude_none=True)
+    (folder / CONFIG_FILE).write_text(recipe_yaml(data))
 
 
 def merge(
@@ -131,9 +141,7 @@ def merge(
         write_model(plan, sources, staging, shard_size=shard_size, progress=progress)
         (staging / RECIPE_FILE).write_text(recipe_yaml(recipe))
         (staging / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
-        (staging / CONFIG_FILE).write_text(
-            recipe_yaml(config.model_dump(mode="json", exclude_none=True))
-        )
+        write_config(config, staging)
         # Imported here: hubmerge.card reads the file names this module defines.
         from hubmerge.card import SOURCES_FILE, sources_json, write_card
 

@@ -1,0 +1,337 @@
+"""Render a merged model's card: Hub metadata as `ModelCardData`, the body from a Jinja2 template.
+
+The template receives `card_data` (the YAML block, which it must place first, between `---`
+lines) and the context `card_context` documents. Rendering is deterministic: it reads only the
+model folder, the results files and the template, and iterates nothing unordered.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from huggingface_hub import ModelCard, ModelCardData
+
+from hubmerge.card.donors import Donor
+from hubmerge.card.facts import (
+    NER_HEATMAP_FILE,
+    NER_REPORT_FILE,
+    OLM_REPORT_FILE,
+    ModelFacts,
+    Namer,
+    read_facts,
+)
+from hubmerge.card.layermap import LAYER_MAP_FILE, layer_map_svg
+from hubmerge.card.results import Evaluation, load_results
+from hubmerge.errors import CardError
+from hubmerge.plan import recipe_yaml
+
+CARD_FILE = "README.md"
+DEFAULT_TEMPLATE = "model_card.md"
+#: Lines of diff `hubmerge card --check` shows; the rest is counted, not printed.
+DIFF_LINES = 40
+
+
+@dataclass(frozen=True)
+class Rendered:
+    card: str
+    layer_map: str
+
+
+def render_card(
+    model_dir: Path,
+    *,
+    results: Sequence[Path] = (),
+    template: Path | None = None,
+    name: str | None = None,
+) -> str:
+    """The card (README.md text) of the merged model in `model_dir`.
+
+    `results` are lm-eval results files; `template` replaces the default (and the config's
+    `card.template`). `name` is the model's folder name when `model_dir` is a staging folder.
+    """
+    return _render(model_dir, results, template, name).card
+
+
+def write_card(
+    model_dir: Path,
+    *,
+    results: Sequence[Path] = (),
+    template: Path | None = None,
+    output: Path | None = None,
+    name: str | None = None,
+) -> Path:
+    """Write the card to `output` (default `model_dir/README.md`) and `layer_map.svg` beside it."""
+    rendered = _render(model_dir, results, template, name)
+    output = Path(output) if output else Path(model_dir) / CARD_FILE
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(rendered.card, encoding="utf-8")
+    (output.parent / LAYER_MAP_FILE).write_text(rendered.layer_map, encoding="utf-8")
+    return output
+
+
+def check_card(
+    model_dir: Path,
+    *,
+    results: Sequence[Path] = (),
+    template: Path | None = None,
+    output: Path | None = None,
+) -> str | None:
+    """None when the card on disk is what rendering gives now; else a short unified diff."""
+    path = Path(output) if output else Path(model_dir) / CARD_FILE
+    fresh = render_card(model_dir, results=results, template=template)
+    try:
+        on_disk = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        on_disk = ""
+    if on_disk == fresh:
+        return None
+    diff = list(
+        difflib.unified_diff(
+            on_disk.splitlines(),
+            fresh.splitlines(),
+            f"{path.name} (on disk)",
+            f"{path.name} (fresh render)",
+            lineterm="",
+        )
+    )
+    if len(diff) > DIFF_LINES:
+        diff = diff[:DIFF_LINES] + [f"... ({len(diff) - DIFF_LINES} more diff lines)"]
+    return "\n".join(diff)
+
+
+def _render(
+    model_dir: Path, results: Sequence[Path], template: Path | None, name: str | None
+) -> Rendered:
+    facts = read_facts(Path(model_dir), name)
+    evaluation = load_results(results) if results else None
+    data = card_data(facts, evaluation)
+    context = card_context(facts, evaluation)
+    source, label = _template(template, facts)
+    try:
+        card = ModelCard.from_template(data, template_str=source, **context)
+    except jinja2.TemplateSyntaxError as e:
+        raise CardError(f"{label}:{e.lineno}: template syntax error: {e.message}") from None
+    except jinja2.TemplateError as e:
+        raise CardError(f"{label}: template error: {e}") from None
+    except ValueError as e:  # the rendered front matter is not valid YAML
+        raise CardError(f"{label}: renders an invalid card ({e})") from None
+    if card.data.to_dict() != data.to_dict():
+        raise CardError(f"{label}: a card template must start with ---, {{{{ card_data }}}}, ---")
+    # Sections a template leaves out leave blank lines behind: one is as good as many in
+    # Markdown, and templates stay readable without Jinja's whitespace control on every tag.
+    text = re.sub(r"\n{3,}", "\n\n", str(card)).rstrip("\n") + "\n"
+    donors = list(dict.fromkeys(facts.namer.model(ref) for ref in facts.plan.models))
+    return Rendered(text, layer_map_svg(_layer_rows(facts), donors))
+
+
+def card_data(facts: ModelFacts, evaluation: Evaluation | None) -> ModelCardData:
+    """The Hub metadata: base models, license, tags and evaluation results."""
+    hub, card = _settings(facts)
+    donors = _donors(facts)
+    base_model = list(dict.fromkeys(d.name for d in donors if d.hub))
+    results = evaluation.eval_results() if evaluation else []
+    return ModelCardData(
+        base_model=base_model or None,
+        language=(hub.language if hub and hub.language else None) or _common(donors, "language"),
+        library_name="transformers",
+        license=(hub.license if hub else None) or _common(donors, "license") or "other",
+        pipeline_tag="text-generation",
+        tags=[
+            "merge",
+            "hubmerge",
+            facts.plan.method,
+            *(hub.tags if hub else []),
+            *(card.tags if card else []),
+        ],
+        base_model_relation="merge" if base_model else None,
+        eval_results=results or None,
+        model_name=_model_id(facts) if results else None,
+    )
+
+
+def card_context(facts: ModelFacts, evaluation: Evaluation | None) -> dict[str, Any]:
+    """What the template sees besides `card_data` (and the metadata fields themselves).
+
+    `title`, `summary` (None: the template writes one), `repo_id`, `model_id` (for code),
+    `method`, `architecture`, `dtype`, `num_layers`, `donors` (name, url, revision, roles,
+    layers, license, hub), `lineage` (name, parents), `local_donors`, `layers` (rows of output,
+    model, layer, scales), `layer_map` (image file), `settings` (the method's config), `recipe`
+    and `config_yaml` (YAML text), `olm`, `ner`, `evaluation` and `chat_template`.
+    """
+    hub, card = _settings(facts)
+    namer = facts.namer
+    plan = facts.plan
+    distinct = _donors(facts)
+    taken = Counter(layer.model for layer in plan.layers)
+    donors = []
+    for ref in plan.models:
+        donor = facts.donors[ref]
+        roles = [
+            role
+            for role, owner in (
+                ("config", plan.donor),
+                ("tokenizer", plan.tokenizer),
+                ("embeddings", plan.embed.model),
+                ("head", plan.head.model),
+            )
+            if owner == ref
+        ]
+        donors.append(
+            {
+                "name": donor.name,
+                "hub": donor.hub,
+                "url": donor.url,
+                "revision": donor.revision,
+                "roles": roles,
+                "layers": taken[ref],
+                "license": donor.license,
+            }
+        )
+    settings = {
+        k: v for k, v in facts.config_data.items() if k not in ("merge_method", "hub", "card")
+    }
+    model_config = facts.model_config
+    return {
+        "title": (card.title if card else None) or _model_id(facts).split("/")[-1],
+        "summary": card.summary if card else None,
+        "repo_id": hub.repo_id if hub else None,
+        "model_id": _model_id(facts),
+        "method": plan.method,
+        "architecture": (model_config.get("architectures") or ["?"])[0],
+        "dtype": model_config.get("dtype") or model_config.get("torch_dtype"),
+        "num_layers": len(plan.layers),
+        "donors": donors,
+        "lineage": [
+            {"name": d.name, "url": d.url, "parents": list(d.base_model)}
+            for d in distinct
+            if d.base_model
+        ],
+        "local_donors": any(not d["hub"] for d in donors),
+        "layers": _layer_rows(facts),
+        "layer_map": LAYER_MAP_FILE,
+        "settings": namer.public(settings),
+        "recipe": recipe_yaml(namer.public(facts.recipe)) if facts.recipe else None,
+        "config_yaml": recipe_yaml(namer.public(facts.config_data)) if facts.config_data else None,
+        "olm": _olm(facts.olm_report, namer) if facts.olm_report else None,
+        "ner": _ner(facts.ner_report, namer, facts.ner_heatmap) if facts.ner_report else None,
+        "evaluation": evaluation,
+        "chat_template": facts.chat_template,
+    }
+
+
+def _settings(facts: ModelFacts) -> tuple[Any, Any]:
+    """The config's `hub:` and `card:` sections (None when absent, or without a config)."""
+    config = facts.config
+    return (config.hub, config.card) if config else (None, None)
+
+
+def _model_id(facts: ModelFacts) -> str:
+    """How readers load the model: its Hub repo when configured, else the folder's name."""
+    hub, _ = _settings(facts)
+    return hub.repo_id if hub and hub.repo_id else facts.name
+
+
+def _donors(facts: ModelFacts) -> list[Donor]:
+    """The plan's models (base first), each once."""
+    missing = [ref for ref in facts.plan.models if ref not in facts.donors]
+    if missing:
+        raise CardError(
+            f"{facts.folder.name}: {facts.namer.model(missing[0])} is in the plan but not in "
+            "hubmerge_sources.json (files from different merges?)"
+        )
+    return list(dict.fromkeys(facts.donors[ref] for ref in facts.plan.models))
+
+
+def _common(donors: Sequence[Donor], field: str) -> Any:
+    """A metadata value every donor's card gives, identically; None if any lacks or differs."""
+    values = {getattr(d, field) for d in donors}
+    value = values.pop() if len(values) == 1 else None
+    return (list(value) if isinstance(value, tuple) else value) or None
+
+
+def _layer_rows(facts: ModelFacts) -> list[tuple[str, str, str, str]]:
+    return facts.namer.plan(facts.plan).rows()
+
+
+def _template(path: Path | None, facts: ModelFacts) -> tuple[str, str]:
+    """The template's text and the name errors use: `--template`, `card.template`, the default."""
+    _, card = _settings(facts)
+    chosen = path or (Path(card.template) if card and card.template else None)
+    if chosen is None:
+        return (files("hubmerge.card_templates") / DEFAULT_TEMPLATE).read_text("utf-8"), (
+            DEFAULT_TEMPLATE
+        )
+    try:
+        return chosen.read_text(encoding="utf-8"), chosen.name
+    except OSError as e:
+        raise CardError(f"{chosen}: cannot read card template ({e.strerror})") from None
+
+
+def _olm(report: dict[str, Any], namer: Namer) -> dict[str, Any]:
+    """OLM's search as tables: base selection and each position's candidates (lower is better)."""
+    try:
+        datasets = list(report["datasets"])
+
+        def rows(scores: dict[str, Any], merit: dict[str, Any], chosen: str) -> list[Any]:
+            return [
+                {
+                    "model": namer.model(model),
+                    "scores": [scores[model][d]["score"] for d in datasets],
+                    "merit": merit.get(model),
+                    "chosen": model == chosen,
+                }
+                for model in scores
+            ]
+
+        selection = report.get("base_selection")
+        return {
+            "direction": report["direction"],
+            "aggregate": report["aggregate"],
+            "datasets": [(Namer.path(d), report["datasets"][d]) for d in datasets],
+            "base": namer.model(report["base_model"]),
+            "base_rows": rows(selection["scores"], selection["merit"], report["base_model"])
+            if selection
+            else [],
+            "positions": [
+                {
+                    "layer": record["layer"],
+                    "winner": namer.model(record["best_model"]),
+                    "rows": rows(record["scores"], record["merit"], record["best_model"]),
+                }
+                for record in sorted(report["layers"], key=lambda r: r["layer"])
+            ],
+        }
+    except (KeyError, TypeError) as e:
+        raise CardError(f"{OLM_REPORT_FILE}: not an OLM report hubmerge can read ({e!r})") from None
+
+
+def _ner(report: dict[str, Any], namer: Namer, heatmap: bool) -> dict[str, Any]:
+    """NER's per-layer scores (each model's mean NER over the layer's matrices) and heatmap."""
+    try:
+        models = report["models"]
+        return {
+            "granularity": report["granularity"],
+            "normalize": report["normalize"],
+            "models": [namer.model(m) for m in models],
+            "rows": [
+                {
+                    "layer": record["layer"],
+                    "chosen": namer.model(record["chosen"]),
+                    "scores": [
+                        (record["scores"][m]["mean"], m == record["chosen"]) for m in models
+                    ],
+                }
+                for record in report["layers"]
+            ],
+            "heatmap": NER_HEATMAP_FILE if heatmap else None,
+        }
+    except (KeyError, TypeError) as e:
+        raise CardError(f"{NER_REPORT_FILE}: not a NER report hubmerge can read ({e!r})") from None

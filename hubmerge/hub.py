@@ -1,0 +1,286 @@
+"""Publish a model folder to the Hugging Face Hub: the Python API behind `hubmerge publish`.
+
+Publishing is `create_repo(exist_ok=True)` (plus `create_branch` for `revision`) and one
+`upload_folder` of everything in the folder: weights, config, tokenizer, card, recipe, reports
+and images; weight files the folder no longer has are deleted in the same commit. Each Hub call
+is retried with bounded backoff on transient failures (5xx, 429, connection errors), and running
+an upload again is safe: the Hub skips files it already holds, so a retry, or running the
+command again, resumes instead of starting over.
+
+The token (`token=`, else `HF_TOKEN`, else the stored login) is only handed to the client: it is
+never printed or written, and it is scrubbed from every error message, since Hub and HTTP errors
+may quote request details.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import yaml
+from huggingface_hub import HfApi, constants, get_token
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RevisionNotFoundError
+from huggingface_hub.repocard import metadata_load
+from huggingface_hub.utils import (
+    DEFAULT_IGNORE_PATTERNS,
+    HFValidationError,
+    filter_repo_objects,
+    validate_repo_id,
+)
+
+from hubmerge import __version__
+from hubmerge.errors import HubError
+
+T = TypeVar("T")
+
+#: Local bookkeeping (such as `hubmerge run`'s state file) that never goes to the Hub.
+LOCAL_ONLY_PATTERNS = [".hubmerge*"]
+#: Weights on the Hub that the folder no longer has are deleted in the same commit: a re-merged
+#: model must never mix old and new shards (a stale index file would even load them).
+STALE_WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json"]
+#: How huggingface_hub spells "on" in environment variables.
+_TRUE = frozenset({"1", "ON", "YES", "TRUE"})
+#: HTTP statuses worth another try: the Hub or a proxy is briefly unwell, or rate-limits.
+TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+#: Connection and timeout errors, by class name: httpx's `TransportError`, requests'
+#: `ConnectionError`/`Timeout` and the builtins, whichever HTTP client huggingface_hub uses.
+_TRANSPORT_ERRORS = frozenset({"TransportError", "ConnectionError", "Timeout", "TimeoutError"})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often a transient Hub failure is retried: `tries` in all, waits doubling."""
+
+    tries: int = 4
+    delay: float = 2.0
+    max_delay: float = 30.0
+
+
+#: The policy `publish` uses when given none (tests swap in one without waits).
+RETRY = RetryPolicy()
+
+
+@dataclass(frozen=True)
+class UploadFile:
+    path: str
+    size: int
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    """What was (or, on a dry run, would be) published, and where."""
+
+    repo_id: str
+    #: The model page (the branch's page when a revision is given).
+    url: str
+    files: tuple[UploadFile, ...]
+    #: The model card's YAML metadata; None when the folder has no README.md.
+    frontmatter: dict[str, Any] | None
+    private: bool
+    dry_run: bool
+    commit_url: str | None = None
+    pr_url: str | None = None
+
+
+def publish(
+    model_dir: Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    token: str | None = None,
+    dry_run: bool = False,
+    endpoint: str | None = None,
+    retry: RetryPolicy | None = None,
+    log: Callable[[str], None] = lambda message: None,
+) -> PublishResult:
+    """Create `repo_id` if needed and upload `model_dir` to it in one commit (or one PR).
+
+    A dry run checks the folder and the card's metadata and lists what would be uploaded, without
+    a token or the network. `endpoint` defaults to `HF_ENDPOINT` as set now (huggingface_hub reads
+    it only at import). `log` hears about retries.
+    """
+    model_dir = Path(model_dir)
+    check_repo_id(repo_id)
+    if create_pr and revision:
+        raise HubError("--revision and --create-pr exclude each other (a PR targets main)")
+    files = upload_files(model_dir)
+    frontmatter = read_frontmatter(model_dir)
+    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    url = f"{endpoint}/{repo_id}" + (f"/tree/{quote(revision, safe='')}" if revision else "")
+    result = PublishResult(repo_id, url, files, frontmatter, private, dry_run)
+    if dry_run:
+        return result
+
+    check_online()
+    token = resolve_token(token)
+    api = HfApi(
+        endpoint=endpoint, token=token, library_name="hubmerge", library_version=__version__
+    )
+    call = _HubCaller(repo_id, token, retry or RETRY, log)
+    call(lambda: api.create_repo(repo_id, private=private, exist_ok=True))
+    if revision:
+        call(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True))
+    commit = call(
+        lambda: api.upload_folder(
+            repo_id=repo_id,
+            folder_path=model_dir,
+            commit_message=commit_message or f"Upload {repo_id.split('/')[1]} with hubmerge",
+            revision=revision,
+            create_pr=create_pr,
+            ignore_patterns=list(LOCAL_ONLY_PATTERNS),
+            delete_patterns=list(STALE_WEIGHT_PATTERNS),
+        )
+    )
+    return replace(result, commit_url=commit.commit_url, pr_url=commit.pr_url)
+
+
+def check_repo_id(repo_id: str) -> None:
+    """A model repo id must name its owner: `org/name` (or `user/name`)."""
+    if repo_id.count("/") != 1:
+        raise HubError(f"repo id {repo_id!r}: expected ORG/NAME, e.g. my-org/my-merge")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise HubError(f"repo id {repo_id!r}: {_first_line(str(e))}") from None
+
+
+def check_online() -> None:
+    """Fail at once in offline mode, rather than after retrying a network that is switched off.
+
+    huggingface_hub reads `HF_HUB_OFFLINE` at import into `constants.HF_HUB_OFFLINE`, which code
+    may also set; either way publishing cannot work, so both are checked now.
+    """
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE:
+        raise HubError("HF_HUB_OFFLINE is set: publishing needs the Hub (unset HF_HUB_OFFLINE)")
+
+
+def resolve_token(token: str | None) -> str:
+    """`token`, else `HF_TOKEN`, else the stored login; an error naming the three if none."""
+    token = (token or get_token() or "").strip()
+    if not token:
+        raise HubError(
+            "not logged in to the Hub: run `hf auth login`, set HF_TOKEN or pass --token"
+        )
+    return token
+
+
+def upload_files(model_dir: Path) -> tuple[UploadFile, ...]:
+    """The files `upload_folder` will send, chosen by the same patterns, with their sizes."""
+    if not model_dir.is_dir():
+        raise HubError(f"{model_dir}: no such model folder")
+    if not (model_dir / "config.json").is_file():
+        raise HubError(f"{model_dir}: not a model folder (no config.json)")
+    paths = {p.relative_to(model_dir).as_posix(): p for p in model_dir.rglob("*") if p.is_file()}
+    chosen = filter_repo_objects(
+        sorted(paths), ignore_patterns=DEFAULT_IGNORE_PATTERNS + LOCAL_ONLY_PATTERNS
+    )
+    return tuple(UploadFile(name, paths[name].stat().st_size) for name in chosen)
+
+
+def read_frontmatter(model_dir: Path) -> dict[str, Any] | None:
+    """The model card's YAML metadata, checked here so a bad card fails before any upload."""
+    readme = model_dir / "README.md"
+    if not readme.is_file():
+        return None
+    try:
+        return metadata_load(readme) or {}
+    except (yaml.YAMLError, ValueError) as e:
+        raise HubError(f"{readme}: invalid YAML metadata ({_first_line(str(e))})") from None
+
+
+class _HubCaller:
+    """Runs Hub calls for one repo: retries transient failures, turns the rest into one line."""
+
+    def __init__(
+        self, repo_id: str, token: str, retry: RetryPolicy, log: Callable[[str], None]
+    ) -> None:
+        self.repo_id, self.token, self.retry, self.log = repo_id, token, retry, log
+
+    def __call__(self, request: Callable[[], T]) -> T:
+        attempt = 1
+        while True:
+            try:
+                return request()
+            except Exception as e:
+                if attempt >= self.retry.tries or not _is_transient(e):
+                    raise HubError(self._scrub(self._describe(e, attempt))) from None
+                wait = min(self.retry.delay * 2 ** (attempt - 1), self.retry.max_delay)
+                self.log(
+                    self._scrub(f"{self.repo_id}: {_what_failed(e)} (try {attempt} of ")
+                    + f"{self.retry.tries}); retrying in {wait:.0f}s"
+                )
+                time.sleep(wait)
+                attempt += 1
+
+    def _describe(self, error: Exception, attempt: int) -> str:
+        """One line saying what went wrong and what to do about it."""
+        repo = self.repo_id
+        # The client wraps a rejected README metadata check in a ValueError.
+        cause = error.__cause__ if isinstance(error.__cause__, HfHubHTTPError) else error
+        status = cause.response.status_code if isinstance(cause, HfHubHTTPError) else None
+        server_message = _first_line(getattr(cause, "server_message", None) or "")
+        said = f" (Hub: {server_message})" if server_message else ""
+        if status == 401:
+            return (
+                f"{repo}: the Hub refused the token (401: not logged in, or the token is invalid "
+                "or expired): run `hf auth login`, set HF_TOKEN or pass --token"
+            )
+        if status == 403:
+            return (
+                f"{repo}: no write access (403): use a token with write permission for "
+                f"{repo.split('/')[0]} (fine-grained tokens need it granted per repo or org)"
+            )
+        if isinstance(cause, RevisionNotFoundError):
+            return f"{repo}: branch not found (404){said}"
+        if status == 404:
+            return (
+                f"{repo}: repository not found (404): check the id, and that the namespace is "
+                "your user name or an organization you can write to"
+            )
+        if status == 409:
+            return (
+                f"{repo}: conflict (409){said}: the repo or branch changed during the upload; "
+                "run the command again"
+            )
+        if _is_transient(error):
+            return (
+                f"{repo}: the Hub kept failing ({_what_failed(error)}, {attempt} tries): "
+                "try again later; "
+                "running the command again resumes the upload"
+            )
+        if status is not None:
+            return f"{repo}: the Hub refused the upload ({status}){said}"
+        return f"{repo}: upload failed: {_short(error)}"
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self.token, "***")
+
+
+def _is_transient(error: Exception) -> bool:
+    if isinstance(error, HfHubHTTPError):
+        return error.response is not None and error.response.status_code in TRANSIENT_STATUSES
+    if isinstance(error, OfflineModeIsEnabled):
+        return False
+    return any(cls.__name__ in _TRANSPORT_ERRORS for cls in type(error).__mro__)
+
+
+def _what_failed(error: Exception) -> str:
+    if isinstance(error, HfHubHTTPError) and error.response is not None:
+        return f"HTTP {error.response.status_code}"
+    return _short(error)
+
+
+def _short(error: Exception) -> str:
+    return f"{type(error).__name__}: {_first_line(str(error))}"
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
