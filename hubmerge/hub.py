@@ -14,9 +14,11 @@ may quote request details.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,7 +36,8 @@ from huggingface_hub.utils import (
 )
 
 from hubmerge import __version__
-from hubmerge.errors import HubError
+from hubmerge.card.donors import load_donors
+from hubmerge.errors import CardError, HubError
 
 T = TypeVar("T")
 
@@ -43,6 +46,8 @@ LOCAL_ONLY_PATTERNS = [".hubmerge*"]
 #: Weights on the Hub that the folder no longer has are deleted in the same commit: a re-merged
 #: model must never mix old and new shards (a stale index file would even load them).
 STALE_WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json"]
+#: Files that may name local donors by path, rewritten by `shareable_copy`.
+_TEXT_SUFFIXES = frozenset({".json", ".yml", ".yaml", ".md"})
 #: How huggingface_hub spells "on" in environment variables.
 _TRUE = frozenset({"1", "ON", "YES", "TRUE"})
 #: HTTP statuses worth another try: the Hub or a proxy is briefly unwell, or rate-limits.
@@ -128,18 +133,51 @@ def publish(
     call(lambda: api.create_repo(repo_id, private=private, exist_ok=True))
     if revision:
         call(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True))
-    commit = call(
-        lambda: api.upload_folder(
-            repo_id=repo_id,
-            folder_path=model_dir,
-            commit_message=commit_message or f"Upload {repo_id.split('/')[1]} with hubmerge",
-            revision=revision,
-            create_pr=create_pr,
-            ignore_patterns=list(LOCAL_ONLY_PATTERNS),
-            delete_patterns=list(STALE_WEIGHT_PATTERNS),
+    with shareable_copy(model_dir) as folder:
+        commit = call(
+            lambda: api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message or f"Upload {repo_id.split('/')[1]} with hubmerge",
+                revision=revision,
+                create_pr=create_pr,
+                ignore_patterns=list(LOCAL_ONLY_PATTERNS),
+                delete_patterns=list(STALE_WEIGHT_PATTERNS),
+            )
         )
-    )
     return replace(result, commit_url=commit.commit_url, pr_url=commit.pr_url)
+
+
+@contextlib.contextmanager
+def shareable_copy(model_dir: Path) -> Iterator[Path]:
+    """The folder as the Hub should see it: no local path of this machine in any text file.
+
+    Recipes, plans and reports name local donors as the user wrote them (often an absolute path,
+    which can hold a user name); on the Hub each becomes the folder name the card already uses.
+    Files are linked, not copied, so weights cost nothing; only rewritten text files are new.
+    """
+    try:
+        donors = load_donors(model_dir)
+    except CardError:  # not written by `hubmerge merge`: nothing to translate
+        donors = {}
+    renames = sorted(
+        ((ref, d.name) for ref, d in donors.items() if not d.hub and ref != d.name),
+        key=lambda pair: -len(pair[0]),  # longest first: a path may contain another
+    )
+    with tempfile.TemporaryDirectory(prefix="hubmerge-publish-") as tmp:
+        for file in sorted(p for p in Path(model_dir).rglob("*") if p.is_file()):
+            target = Path(tmp) / file.relative_to(model_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if renames and file.suffix in _TEXT_SUFFIXES:
+                text = file.read_text(encoding="utf-8")
+                shared = text
+                for ref, name in renames:
+                    shared = shared.replace(ref, name)
+                if shared != text:
+                    target.write_text(shared, encoding="utf-8")
+                    continue
+            target.symlink_to(file.resolve())
+        yield Path(tmp)
 
 
 def check_repo_id(repo_id: str) -> None:

@@ -295,12 +295,22 @@ def _handler_class(hub: HubServer) -> type[BaseHTTPRequestHandler]:
 
 
 def published_files(folder: Path) -> dict[str, bytes]:
-    """What the Hub should hold after `folder` is published: every file but local state."""
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes()
-        for p in folder.rglob("*")
-        if p.is_file() and not p.name.startswith(".hubmerge")
-    }
+    """What the Hub should hold after `folder` is published: every file but local state, with
+    each local donor's absolute path (as the recipe and reports name it) cut to its folder name."""
+    sources = folder / "hubmerge_sources.json"
+    local = (
+        [r for r in json.loads(sources.read_text()) if r.startswith("/")]
+        if sources.exists()
+        else []
+    )
+    files = {}
+    for p in folder.rglob("*"):
+        if p.is_file() and not p.name.startswith(".hubmerge"):
+            data = p.read_bytes()
+            for ref in sorted(local, key=len, reverse=True):
+                data = data.replace(ref.encode(), Path(ref).name.encode())
+            files[p.relative_to(folder).as_posix()] = data
+    return files
 
 
 def error_line(result: Result) -> str:

@@ -44,11 +44,20 @@ def model_dir(merged: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(merged, tmp_path / "model"))
 
 
-def test_publish_uploads_the_folder_byte_for_byte(model_dir: Path, hub: HubServer) -> None:
+def test_publish_uploads_the_folder_byte_for_byte(
+    model_dir: Path, hub: HubServer, models: dict[str, Path]
+) -> None:
     result = publish(model_dir, "org/tiny-merge", endpoint=hub.url)
 
     stored = hub.repos["org/tiny-merge"]
+    # Byte for byte, except that no local path of this machine reaches the Hub: recipes and
+    # plans name the local donor by its folder name, as the card does.
+    local = str(models["llama"]).encode()
     assert stored.files == published_files(model_dir)
+    assert any(local in p.read_bytes() for p in model_dir.iterdir() if p.is_file())
+    assert not any(
+        local in v or str(Path.home()).encode() + b"/" in v for v in stored.files.values()
+    )
     assert {"model.safetensors", "config.json", "mergekit_config.yml", "README.md"} <= set(
         stored.files
     )
