@@ -6,6 +6,8 @@ transformers) are imported inside the commands that need them, so `hubmerge merg
 
 from __future__ import annotations
 
+import os
+from collections import Counter
 from collections.abc import Callable
 from enum import Enum
 from functools import wraps
@@ -18,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from hubmerge.display import Display
-from hubmerge.errors import HubmergeError
+from hubmerge.errors import CardError, HubError, HubmergeError
 
 app = typer.Typer(
     help="Compose language models from other models' layers and publish them to the Hub.",
@@ -111,7 +113,9 @@ def merge(
 @app.command("card")
 @_friendly
 def card_command(
-    model_dir: Annotated[Path, typer.Argument(help="A `hubmerge merge` output folder.")],
+    model_dir: Annotated[
+        Path | None, typer.Argument(help="A `hubmerge merge` output folder.", show_default=False)
+    ] = None,
     results: Annotated[
         list[Path] | None,
         typer.Option("--results", help="lm-eval results JSON (repeat for several files)."),
@@ -125,10 +129,30 @@ def card_command(
     check: Annotated[
         bool, typer.Option(help="Write nothing; exit 1 with a diff if the card is stale.")
     ] = False,
+    all_dirs: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--all",
+            metavar="DIR",
+            help="Every model folder in DIR (or DIR itself), from its config.yaml and "
+            "results/*.json; repeatable.",
+        ),
+    ] = None,
 ) -> None:
-    """Render MODEL_DIR's model card (README.md) with its lineage, recipe, layer map and results."""
+    """Render MODEL_DIR's model card (README.md) with its lineage, recipe, layer map and results.
+
+    Exit codes: 0 cards up to date (or written), 1 a card is stale (--check), 2 an error.
+    """
     from hubmerge.card import check_card, write_card
 
+    if all_dirs:
+        if model_dir or results or output:
+            raise CardError(
+                "--all renders each folder from its own files: no MODEL_DIR, --results or -o"
+            )
+        raise typer.Exit(_card_all(all_dirs, check=check, template=template))
+    if model_dir is None:
+        raise CardError("give MODEL_DIR, or --all DIR for every model folder in DIR")
     if check:
         diff = check_card(model_dir, results=results or (), template=template, output=output)
         if diff is not None:
@@ -139,6 +163,29 @@ def card_command(
         return
     path = write_card(model_dir, results=results or (), template=template, output=output)
     out.print(f"wrote {path}")
+
+
+def _card_all(dirs: list[Path], *, check: bool, template: Path | None) -> int:
+    """`hubmerge card --all`: a line per model folder as it is done (and diffs); the exit code."""
+    from hubmerge.card.folders import Status, log_lines, model_folders, refresh
+
+    # On GitHub Actions, problems also become annotations on the pull request.
+    annotate = os.environ.get("GITHUB_ACTIONS") == "true"
+    counts: Counter[Status] = Counter()
+    for folder in dict.fromkeys(f for d in dirs for f in model_folders(d)):
+        report = refresh(folder, check=check, template=template)
+        counts[report.status] += 1
+        for line in log_lines(report, annotate=annotate):
+            typer.echo(line)  # as is: a diff or an annotation must not pass through markup
+    summary = ", ".join(f"{n} {status.value}" for status, n in counts.items())
+    _log(f"{counts.total()} model folders: {summary}")
+    if counts[Status.ERROR]:
+        return 2
+    if counts[Status.STALE]:
+        again = " ".join(f"--all {d}" for d in dirs)
+        _log(f"to update: `hubmerge card {again}`, then commit")
+        return 1
+    return 0
 
 
 @app.command("eval")
@@ -185,7 +232,10 @@ def eval_command(
     out.print(f"wrote {path}")
 
 
-RepoId = Annotated[str, typer.Option("--repo-id", help="Hub repo to publish to: ORG/NAME.")]
+RepoId = Annotated[
+    str | None,
+    typer.Option("--repo-id", help="Hub repo: ORG/NAME (default: the folder's hub.repo_id)."),
+]
 Private = Annotated[bool, typer.Option(help="Create the repo private (if it does not exist).")]
 Token = Annotated[
     str | None,
@@ -197,19 +247,40 @@ Token = Annotated[
 @_friendly
 def publish(
     model_dir: Annotated[Path, typer.Argument(help="Model folder to upload, as it is.")],
-    repo_id: RepoId,
+    repo_id: RepoId = None,
     private: Private = False,
     revision: Annotated[str | None, typer.Option(help="Branch (created if needed).")] = None,
     create_pr: Annotated[bool, typer.Option(help="Open a pull request instead.")] = False,
     commit_message: Annotated[str | None, typer.Option(help="Commit title.")] = None,
     token: Token = None,
+    oidc: Annotated[
+        bool,
+        typer.Option(
+            help="In CI: a short-lived token for the repo from the Hub's Trusted Publishers "
+            "(GitHub Actions: needs `permissions: id-token: write`)."
+        ),
+    ] = False,
+    card_only: Annotated[
+        bool, typer.Option(help="Upload only the card and its images, to an existing repo.")
+    ] = False,
     dry_run: Annotated[
         bool, typer.Option(help="List the files and the card's metadata; no network.")
     ] = False,
 ) -> None:
-    """Create the Hub repo if needed and upload MODEL_DIR to it in one commit."""
+    """Create the Hub repo if needed and upload MODEL_DIR to it in one commit.
+
+    Without --repo-id, the folder's config says where (`hub.repo_id`) and how (`hub.private`).
+
+    When the Hub already has every file, no commit is made and the output says `unchanged`.
+    """
+    from hubmerge.hub import configured_hub
     from hubmerge.hub import publish as run_publish
 
+    if repo_id is None:
+        settings = configured_hub(model_dir)
+        if not settings.repo_id:
+            raise HubError(f"{model_dir}: no hub.repo_id in its config: pass --repo-id ORG/NAME")
+        repo_id, private = settings.repo_id, private or settings.private
     result = run_publish(
         model_dir,
         repo_id,
@@ -218,6 +289,8 @@ def publish(
         create_pr=create_pr,
         commit_message=commit_message,
         token=token,
+        oidc=oidc,
+        card_only=card_only,
         dry_run=dry_run,
         log=_log,
     )
@@ -282,8 +355,13 @@ def print_published(result: Any) -> None:
 
     if result.frontmatter is None:
         console.print("warning: no README.md, so the repo will have no model card")
+    if result.changed is False:
+        message = f"unchanged {result.url} (the Hub has these files: no commit)"
+        out.print(message, highlight=False, markup=False, soft_wrap=True)
+        return
     if not result.dry_run:
-        out.print(f"published {result.url}", highlight=False, markup=False)
+        what = "the card of " if result.card_only else ""
+        out.print(f"published {what}{result.url}", highlight=False, markup=False, soft_wrap=True)
         if result.pr_url:
             out.print(f"pull request {result.pr_url}", highlight=False, markup=False)
         return
@@ -299,6 +377,56 @@ def print_published(result: Any) -> None:
         out.print("README.md metadata:", highlight=False)
         metadata = yaml.safe_dump(result.frontmatter, sort_keys=False)
         out.print(metadata, highlight=False, markup=False, end="")
+
+
+@app.command()
+@_friendly
+def demo(
+    out_dir: Annotated[Path, typer.Argument(help="Where the merged model goes.")] = Path(
+        "demo-out"
+    ),
+    force: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists.")] = False,
+) -> None:
+    """Merge the shipped zoo with OLM (offline, CPU) and compare every model on held-out data."""
+    from hubmerge.demo import run_demo
+
+    with Display(console) as display:
+        result = run_demo(out_dir, force=force, reporter=display)
+    print_plan(result.merge.plan)
+    table = Table(title="held-out exact-match accuracy")
+    tasks = list(next(iter(result.accuracy.values())))
+    for column in ("model", *tasks, "composite"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for label, scores in result.accuracy.items():
+        composite = sum(scores.values()) / len(scores)
+        cells = [f"{scores[t]:.3f}" for t in tasks] + [f"{composite:.3f}"]
+        table.add_row(label, *cells, style="bold" if label == "merged" else None)
+    out.print(table)
+    out.print(
+        f"wrote {result.merge.out_dir}: weights, {len(result.merge.plan.layers)} layers chosen by "
+        "OLM (merge_report.json), recipe (mergekit_config.yml) and card (README.md)"
+    )
+
+
+@zoo_app.command("list")
+@_friendly
+def zoo_list() -> None:
+    """The zoo's models and datasets, with each model's held-out accuracy per task."""
+    from hubmerge import zoo
+
+    table = Table(title="hubmerge zoo (held-out exact match)")
+    table.add_column("model")
+    table.add_column("parent")
+    for task in zoo.TASKS:
+        table.add_column(task, justify="right")
+    table.add_column("path")
+    for model in zoo.list_models():
+        accuracy = [f"{model.accuracy.get(t, float('nan')):.3f}" for t in zoo.TASKS]
+        table.add_row(model.name, model.parent or "-", *accuracy, str(model.path))
+    out.print(table)
+    for task in zoo.TASKS:
+        for split in zoo.SPLITS:
+            out.print(f"dataset {task}/{split}: {zoo.dataset_path(task, split)}")
 
 
 def main() -> None:

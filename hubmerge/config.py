@@ -284,14 +284,19 @@ def load_config(path: Path) -> MergeConfig:
         text = Path(path).read_text()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    return loads_config(text, str(path))
+
+
+def loads_config(text: str, where: str) -> MergeConfig:
+    """Validate a config given as YAML text (the Space's editor); errors name `where`."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{path}: invalid YAML{line}: {problem}") from None
-    return parse_config(data, str(path))
+        raise ConfigError(f"{where}: invalid YAML{line}: {problem}") from None
+    return parse_config(data, where)
 
 
 def _describe(error: ValidationError) -> str:

@@ -35,7 +35,7 @@ def demo_config() -> OlmConfig:
     return parse_config(
         {
             "merge_method": "olm",
-            "models": [str(zoo.model_path(name)) for name in zoo.MODELS if name in zoo.POOL],
+            "models": [str(zoo.model_path(name)) for name in zoo.FAMILY],
             "dataset": {
                 str(zoo.dataset_path(task, "selection")): {"mode": DEMO_MODES[task]}
                 for task in tasks
@@ -50,13 +50,13 @@ def demo_config() -> OlmConfig:
 
 def run_demo(out_dir: Path, *, force: bool = False, reporter: Reporter | None = None) -> DemoResult:
     """Merge the zoo with OLM into `out_dir`, then measure donors and result on held-out data."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
 
     from hubmerge.datasets import load_conversations
     from hubmerge.generation import exact_match_accuracy
 
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    logging.disable_progress_bar()
     config = demo_config()
     result = merge(config, out_dir, force=force, reporter=reporter)
     models = {Path(ref).name: Path(ref) for ref in config.models}

@@ -2,12 +2,15 @@
 
 Publishing is `create_repo(exist_ok=True)` (plus `create_branch` for `revision`) and one
 `upload_folder` of everything in the folder: weights, config, tokenizer, card, recipe, reports
-and images; weight files the folder no longer has are deleted in the same commit. Each Hub call
-is retried with bounded backoff on transient failures (5xx, 429, connection errors), and running
-an upload again is safe: the Hub skips files it already holds, so a retry, or running the
-command again, resumes instead of starting over.
+and images; weight files the folder no longer has are deleted in the same commit. With
+`card_only`, only the card and its images go, to a repo that must exist (CI updates the card of
+a model published earlier, from a git checkout without weights). Each Hub call is retried with
+bounded backoff on transient failures (5xx, 429, connection errors), and running an upload again
+is safe: the Hub skips files it already holds, so a retry, or running the command again, resumes
+instead of starting over; when it holds them all, no commit is made and the result says so.
 
-The token (`token=`, else `HF_TOKEN`, else the stored login) is only handed to the client: it is
+The token (`token=`, else `HF_TOKEN`, else the stored login; or, with `oidc`, one the Hub's
+Trusted Publishers exchange for the CI job's OIDC identity) is only handed to the client: it is
 never printed or written, and it is scrubbed from every error message, since Hub and HTTP errors
 may quote request details.
 """
@@ -36,8 +39,11 @@ from huggingface_hub.utils import (
 )
 
 from hubmerge import __version__
+from hubmerge.card import CARD_FILE, CARD_FILES
 from hubmerge.card.donors import load_donors
+from hubmerge.config import HubSettings, load_config
 from hubmerge.errors import CardError, HubError
+from hubmerge.merge import CONFIG_FILE
 
 T = TypeVar("T")
 
@@ -46,6 +52,8 @@ LOCAL_ONLY_PATTERNS = [".hubmerge*"]
 #: Weights on the Hub that the folder no longer has are deleted in the same commit: a re-merged
 #: model must never mix old and new shards (a stale index file would even load them).
 STALE_WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json"]
+#: Weight files themselves: a whole folder published without any is refused (see `upload_files`).
+WEIGHT_PATTERNS = ["*.safetensors", "*.bin"]
 #: Files that may name local donors by path, rewritten by `shareable_copy`.
 _TEXT_SUFFIXES = frozenset({".json", ".yml", ".yaml", ".md"})
 #: How huggingface_hub spells "on" in environment variables.
@@ -90,6 +98,9 @@ class PublishResult:
     dry_run: bool
     commit_url: str | None = None
     pr_url: str | None = None
+    #: Whether a commit was made: False when the Hub already held every file; None on a dry run.
+    changed: bool | None = None
+    card_only: bool = False
 
 
 def publish(
@@ -101,6 +112,8 @@ def publish(
     create_pr: bool = False,
     commit_message: str | None = None,
     token: str | None = None,
+    oidc: bool = False,
+    card_only: bool = False,
     dry_run: bool = False,
     endpoint: str | None = None,
     retry: RetryPolicy | None = None,
@@ -108,44 +121,61 @@ def publish(
 ) -> PublishResult:
     """Create `repo_id` if needed and upload `model_dir` to it in one commit (or one PR).
 
-    A dry run checks the folder and the card's metadata and lists what would be uploaded, without
-    a token or the network. `endpoint` defaults to `HF_ENDPOINT` as set now (huggingface_hub reads
-    it only at import). `log` hears about retries.
+    `card_only` uploads only the card and its images (`CARD_FILES`) to an existing repo, and
+    deletes nothing. `oidc` gets the token from the Hub's Trusted Publishers (see
+    `resolve_token`). A dry run checks the folder and the card's metadata and lists what would be
+    uploaded, without a token or the network. `endpoint` defaults to `HF_ENDPOINT` as set now
+    (huggingface_hub reads it only at import). `log` hears about retries.
     """
     model_dir = Path(model_dir)
     check_repo_id(repo_id)
     if create_pr and revision:
         raise HubError("--revision and --create-pr exclude each other (a PR targets main)")
-    files = upload_files(model_dir)
+    files = upload_files(model_dir, card_only=card_only)
     frontmatter = read_frontmatter(model_dir)
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
     url = f"{endpoint}/{repo_id}" + (f"/tree/{quote(revision, safe='')}" if revision else "")
-    result = PublishResult(repo_id, url, files, frontmatter, private, dry_run)
+    result = PublishResult(repo_id, url, files, frontmatter, private, dry_run, card_only=card_only)
     if dry_run:
         return result
 
     check_online()
-    token = resolve_token(token)
+    token = resolve_token(token, oidc_repo=repo_id if oidc else None)
     api = HfApi(
         endpoint=endpoint, token=token, library_name="hubmerge", library_version=__version__
     )
     call = _HubCaller(repo_id, token, retry or RETRY, log)
-    call(lambda: api.create_repo(repo_id, private=private, exist_ok=True))
+    if not card_only:  # a card alone must not create a repo that looks like a model
+        call(lambda: api.create_repo(repo_id, private=private, exist_ok=True))
     if revision:
         call(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True))
+    # The client makes no commit when the Hub holds every file already, and then answers with
+    # the head commit: comparing with the head before tells "unchanged" from "published".
+    head = call(lambda: api.repo_info(repo_id, revision=revision)).sha
+    title = f"Upload {repo_id.split('/')[1]}{' card' if card_only else ''} with hubmerge"
     with shareable_copy(model_dir) as folder:
         commit = call(
             lambda: api.upload_folder(
                 repo_id=repo_id,
                 folder_path=folder,
-                commit_message=commit_message or f"Upload {repo_id.split('/')[1]} with hubmerge",
+                commit_message=commit_message or title,
                 revision=revision,
                 create_pr=create_pr,
+                allow_patterns=[f.path for f in files] if card_only else None,
                 ignore_patterns=list(LOCAL_ONLY_PATTERNS),
-                delete_patterns=list(STALE_WEIGHT_PATTERNS),
+                delete_patterns=None if card_only else list(STALE_WEIGHT_PATTERNS),
             )
         )
-    return replace(result, commit_url=commit.commit_url, pr_url=commit.pr_url)
+    return replace(
+        result, commit_url=commit.commit_url, pr_url=commit.pr_url, changed=commit.oid != head
+    )
+
+
+def configured_hub(model_dir: Path) -> HubSettings:
+    """The `hub:` section of the folder's `hubmerge_config.yml` (empty settings without one)."""
+    path = Path(model_dir) / CONFIG_FILE
+    config = load_config(path) if path.is_file() else None
+    return (config.hub if config else None) or HubSettings()
 
 
 @contextlib.contextmanager
@@ -200,8 +230,18 @@ def check_online() -> None:
         raise HubError("HF_HUB_OFFLINE is set: publishing needs the Hub (unset HF_HUB_OFFLINE)")
 
 
-def resolve_token(token: str | None) -> str:
-    """`token`, else `HF_TOKEN`, else the stored login; an error naming the three if none."""
+def resolve_token(token: str | None, *, oidc_repo: str | None = None) -> str:
+    """`token`, else `HF_TOKEN`, else the stored login; an error naming the three if none.
+
+    With `oidc_repo`, the token is the one the Hub's Trusted Publishers give for that repo in
+    exchange for the CI job's OIDC identity: huggingface_hub (1.19 and later) makes the exchange
+    when `HF_OIDC_RESOURCE` names the repo, minting the identity on GitHub Actions (the job needs
+    `permissions: id-token: write`) or reading it from `HF_OIDC_ID_TOKEN` elsewhere.
+    """
+    if oidc_repo:
+        if token:
+            raise HubError("--token and --oidc exclude each other: --oidc gets its own token")
+        return _oidc_token(oidc_repo)
     token = (token or get_token() or "").strip()
     if not token:
         raise HubError(
@@ -210,16 +250,31 @@ def resolve_token(token: str | None) -> str:
     return token
 
 
-def upload_files(model_dir: Path) -> tuple[UploadFile, ...]:
-    """The files `upload_folder` will send, chosen by the same patterns, with their sizes."""
+def upload_files(model_dir: Path, *, card_only: bool = False) -> tuple[UploadFile, ...]:
+    """The files `upload_folder` will send, chosen by the same patterns, with their sizes.
+
+    A whole folder must hold weights: publishing one without them would delete the model's
+    weights on the Hub (see `STALE_WEIGHT_PATTERNS`). A card alone needs its README.md.
+    """
     if not model_dir.is_dir():
         raise HubError(f"{model_dir}: no such model folder")
     if not (model_dir / "config.json").is_file():
         raise HubError(f"{model_dir}: not a model folder (no config.json)")
     paths = {p.relative_to(model_dir).as_posix(): p for p in model_dir.rglob("*") if p.is_file()}
-    chosen = filter_repo_objects(
-        sorted(paths), ignore_patterns=DEFAULT_IGNORE_PATTERNS + LOCAL_ONLY_PATTERNS
+    chosen = list(
+        filter_repo_objects(
+            sorted(paths),
+            allow_patterns=list(CARD_FILES) if card_only else None,
+            ignore_patterns=DEFAULT_IGNORE_PATTERNS + LOCAL_ONLY_PATTERNS,
+        )
     )
+    if card_only and CARD_FILE not in chosen:
+        raise HubError(f"{model_dir}: no {CARD_FILE} to publish (write it with `hubmerge card`)")
+    if not card_only and not list(filter_repo_objects(chosen, allow_patterns=WEIGHT_PATTERNS)):
+        raise HubError(
+            f"{model_dir}: no weights (*.safetensors): publishing it would delete the model's "
+            "weights on the Hub; publish the card alone with --card-only"
+        )
     return tuple(UploadFile(name, paths[name].stat().st_size) for name in chosen)
 
 
@@ -232,6 +287,47 @@ def read_frontmatter(model_dir: Path) -> dict[str, Any] | None:
         return metadata_load(readme) or {}
     except (yaml.YAMLError, ValueError) as e:
         raise HubError(f"{readme}: invalid YAML metadata ({_first_line(str(e))})") from None
+
+
+def _oidc_token(repo_id: str) -> str:
+    """A short-lived token for `repo_id` from the Hub's Trusted Publishers (see `resolve_token`)."""
+    try:
+        from huggingface_hub.errors import OIDCError
+    except ImportError:
+        raise HubError(
+            "--oidc needs huggingface_hub 1.19 or later: pip install -U huggingface_hub"
+        ) from None
+    try:
+        with _environ("HF_OIDC_RESOURCE", repo_id):
+            token = get_token()
+    except OIDCError as e:
+        raise HubError(f"{repo_id}: no OIDC identity to exchange: {_first_line(str(e))}") from None
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else "no answer"
+        raise HubError(
+            f"{repo_id}: the Hub refused the OIDC token exchange ({status}): add this workflow "
+            "as a Trusted Publisher in the repo's settings on the Hub, with claims matching "
+            "the job (repository, workflow, branch)"
+        ) from None
+    except Exception as e:  # the network: one line, like every other Hub failure
+        raise HubError(f"{repo_id}: the OIDC token exchange failed: {_short(e)}") from None
+    if not token:
+        raise HubError(f"{repo_id}: the Hub's OIDC token exchange gave no token")
+    return token
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    """Set an environment variable for the duration, then restore what was there."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = previous
 
 
 class _HubCaller:

@@ -81,7 +81,13 @@ class MergeResult:
 def open_sources(refs: list[str], *, allow_pickle: bool = False) -> dict[str, ModelSource]:
     """Open every model and check that their layers can be stacked together."""
     sources = {ref: ModelSource.open(ref, allow_pickle=allow_pickle) for ref in refs}
-    first = sources[refs[0]]
+    check_compatible(sources)
+    return sources
+
+
+def check_compatible(sources: Mapping[str, ModelSource]) -> None:
+    """Refuse models whose layers cannot be stacked: another architecture or other shapes."""
+    first = next(iter(sources.values()))
     for ref, source in sources.items():
         if arch.architecture(source.config, ref) != arch.architecture(first.config, first.ref):
             raise SourceError(
@@ -95,13 +101,16 @@ def open_sources(refs: list[str], *, allow_pickle: bool = False) -> dict[str, Mo
                     f"{first.ref}'s {first.config.get(key)}"
                 )
         source.layers  # noqa: B018 - validates the layer tensors before anything is written
-    return sources
 
 
 def write_config(config: MergeConfig, folder: Path) -> None:
     """Write `CONFIG_FILE`, the config as given (the card reads its `hub:` and `card:` from it)."""
-    data = config.model_dump(mode="json", exclude_none=True)
-    (folder / CONFIG_FILE).write_text(recipe_yaml(data))
+    (folder / CONFIG_FILE).write_text(config_yaml(config))
+
+
+def config_yaml(config: MergeConfig) -> str:
+    """The text of `CONFIG_FILE` for `config`, so a copy on disk can be compared with it."""
+    return recipe_yaml(config.model_dump(mode="json", exclude_none=True))
 
 
 def merge(

@@ -7,6 +7,7 @@ back into the same model, so every merged model carries the recipe that rebuilds
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,11 +21,29 @@ from hubmerge.tensorfile import TensorInfo
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """One output layer: a whole source layer, with per-tensor scales (suffix -> factor)."""
+    """One output layer: a whole source layer, with per-tensor scales (suffix -> factor).
+
+    `overrides` (suffix -> (model, layer)) takes single tensors from elsewhere: how a layer is
+    assembled module by module (NER's `granularity: module`). Every other tensor, and the
+    layer's config entries (`layer_types`), come from `model`'s layer `layer`.
+    """
 
     model: str
     layer: int
     scales: Mapping[str, float] = field(default_factory=dict)
+    overrides: Mapping[str, tuple[str, int]] = field(default_factory=dict)
+
+    @classmethod
+    def from_choices(cls, choices: Mapping[str, tuple[str, int]]) -> LayerPlan:
+        """The layer that takes each tensor (suffix) from its chosen (model, layer).
+
+        The (model, layer) chosen most often (the first such on a tie) becomes the layer's
+        source and the rest overrides, so planning and reading back a recipe agree on one form.
+        """
+        counts = Counter(choices.values())
+        model, layer = max(counts, key=counts.__getitem__)
+        overrides = {s: c for s, c in choices.items() if c != (model, layer)}
+        return cls(model, layer, overrides=overrides)
 
 
 @dataclass(frozen=True)
@@ -67,6 +86,9 @@ class MergePlan:
             yield OutputTensor(name, info, self.embed.scales.get(name, 1.0))
         for index, layer in enumerate(self.layers):
             for suffix, info in sources[layer.model].layers[layer.layer].items():
+                if suffix in layer.overrides:
+                    model, source_layer = layer.overrides[suffix]
+                    info = sources[model].layers[source_layer][suffix]
                 yield OutputTensor(
                     arch.layer_name(index, suffix), info, layer.scales.get(suffix, 1.0)
                 )
@@ -74,10 +96,21 @@ class MergePlan:
             yield OutputTensor(name, info, self.head.scales.get(name, 1.0))
 
     def rows(self) -> list[tuple[str, str, str, str]]:
-        """The layer map: (output layer, source model, source layer, scales) per output layer."""
+        """The layer map: (output layer, source model, source layer, scales) per output layer.
+
+        A layer with overrides gets one more row per other source, naming the modules it gives
+        (`3: q_proj, o_proj`); the layer's own row stands for the rest.
+        """
         rows = [("embed", self.embed.model, "-", _scales_text(self.embed.scales))]
         for index, layer in enumerate(self.layers):
             rows.append((str(index), layer.model, str(layer.layer), _scales_text(layer.scales)))
+            by_source: dict[tuple[str, int], list[str]] = {}
+            for suffix, source in layer.overrides.items():
+                by_source.setdefault(source, []).append(suffix)
+            for (model, source_layer), suffixes in by_source.items():
+                modules = ", ".join(dict.fromkeys(_module(s) for s in suffixes))
+                scales = {s: v for s, v in layer.scales.items() if s in suffixes}
+                rows.append((f"{index}: {modules}", model, str(source_layer), _scales_text(scales)))
         rows.append(("head", self.head.model, "-", _scales_text(self.head.scales)))
         return rows
 
@@ -91,12 +124,32 @@ class MergePlan:
             "dtype": self.dtype,
             "out_dtype": self.out_dtype,
             "embed": {"model": self.embed.model, "scales": dict(self.embed.scales)},
-            "layers": [
-                {"model": layer.model, "layer": layer.layer, "scales": dict(layer.scales)}
-                for layer in self.layers
-            ],
+            "layers": [_layer_dict(layer) for layer in self.layers],
             "head": {"model": self.head.model, "scales": dict(self.head.scales)},
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MergePlan:
+        """`to_dict()` read back (raises KeyError or TypeError on data of another shape)."""
+        return cls(
+            method=data["method"],
+            layers=[
+                LayerPlan(
+                    d["model"],
+                    d["layer"],
+                    d["scales"],
+                    {s: (o["model"], o["layer"]) for s, o in d.get("overrides", {}).items()},
+                )
+                for d in data["layers"]
+            ],
+            embed=EdgePlan(data["embed"]["model"], data["embed"]["scales"]),
+            head=EdgePlan(data["head"]["model"], data["head"]["scales"]),
+            donor=data["donor"],
+            tokenizer=data["tokenizer"],
+            dtype=data.get("dtype"),
+            out_dtype=data.get("out_dtype"),
+            models=data["models"],
+        )
 
     def to_recipe(self, sources: Mapping[str, ModelSource]) -> dict[str, Any]:
         """The mergekit passthrough config that rebuilds this plan exactly.
@@ -104,8 +157,14 @@ class MergePlan:
         Consecutive layers of one model with equal scales become one slice. Scales become
         `{filter, value}` rules checked against mergekit's first-match substring semantics.
         When the embeddings or head come from another model than the first or last layer,
-        a zero-width slice names their donor, as mergekit expects.
+        a zero-width slice names their donor, as mergekit expects. Passthrough cannot take
+        single tensors from other models: a plan with overrides becomes a `linear` recipe.
         """
+        if any(layer.overrides for layer in self.layers):
+            # Imported here: the linear method builds on this module.
+            from hubmerge.methods.linear import selection_recipe
+
+            return selection_recipe(self, sources)
         groups: list[tuple[str, int, int, dict[str, float]]] = []
         for layer in self.layers:
             last = groups[-1] if groups else None
@@ -140,7 +199,7 @@ class MergePlan:
                 owned |= {
                     n: self.head.scales.get(n, 1.0) for n in edge_tensors(sources[model], pre=False)
                 }
-            rules = _scale_rules(owned)
+            rules = filter_rules(owned)
             if rules:
                 source["parameters"] = {"scale": rules}
             slices.append({"sources": [source]})
@@ -166,6 +225,17 @@ def edge_tensors(source: ModelSource, *, pre: bool) -> dict[str, TensorInfo]:
     return {n: t for n, t in source.non_layer.items() if arch.is_pre_weight(n) == pre}
 
 
+def _layer_dict(layer: LayerPlan) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "model": layer.model,
+        "layer": layer.layer,
+        "scales": dict(layer.scales),
+    }
+    if layer.overrides:
+        data["overrides"] = {s: {"model": m, "layer": i} for s, (m, i) in layer.overrides.items()}
+    return data
+
+
 def _scales_text(scales: Mapping[str, float]) -> str:
     if not scales:
         return "1.0"
@@ -183,13 +253,14 @@ def _module(name: str) -> str:
     return parts[-2] if parts[-1] in ("weight", "bias") and len(parts) > 1 else parts[-1]
 
 
-def _scale_rules(owned: Mapping[str, float]) -> list[dict[str, Any]]:
-    """Filter rules that give every tensor in `owned` (source name -> scale) its scale.
+def filter_rules(owned: Mapping[str, float], default: float = 1.0) -> list[dict[str, Any]]:
+    """Filter rules that give every tensor in `owned` (source name -> value) its value.
 
     Prefers the short module name (`o_proj`), falling back to the tensor's full name when the
-    short filter would also catch a tensor that must keep another scale.
+    short filter would also catch a tensor that must keep another value. A final catch-all
+    rule gives the rest `default`.
     """
-    scaled = {n: v for n, v in owned.items() if v != 1.0}
+    scaled = {n: v for n, v in owned.items() if v != default}
     if not scaled:
         return []
     rules: list[dict[str, Any]] = []
@@ -205,5 +276,5 @@ def _scale_rules(owned: Mapping[str, float]) -> list[dict[str, Any]]:
         else:
             rules.append({"filter": name, "value": value})
             covered.add(name)
-    rules.append({"value": 1.0})
+    rules.append({"value": default})
     return rules

@@ -145,6 +145,11 @@ def write_model(
     _copy_support_files(plan, sources, out_dir)
 
 
+def output_size(plan: MergePlan, sources: Mapping[str, ModelSource]) -> int:
+    """The bytes of weights `write_model` would write for `plan` (the Space's disk check)."""
+    return sum(p.nbytes for p in _lay_out(plan, sources))
+
+
 def _lay_out(plan: MergePlan, sources: Mapping[str, ModelSource]) -> list[_Planned]:
     compute_override = DTYPE_CODES[plan.dtype] if plan.dtype else None
     out_override = DTYPE_CODES[plan.out_dtype] if plan.out_dtype else None

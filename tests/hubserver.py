@@ -5,6 +5,10 @@ It implements what `create_repo`, `create_branch`, `repo_info`, `list_repo_files
 and pull requests, and every file's bytes. Every file is answered `uploadMode: regular` at
 preupload, so contents arrive base64 in the NDJSON commit and no LFS or Xet storage is needed.
 `fail()` makes the next requests to a path answer an error, to test retries and error messages.
+Public repos can be read without a token, as on the Hub; it serves no file downloads, so tests
+that download put the files in a Hub cache (a download pins the ref's latest commit id).
+`trusted_publishers` set up the Trusted Publishers token exchange, with a stand-in for GitHub
+Actions' id-token endpoint, so OIDC publishing runs the client's own exchange code.
 A request it does not know is recorded in `unknown` and answered 501, so a new client version's
 extra call shows up clearly.
 
@@ -42,7 +46,15 @@ ROUTES = [
     ("POST", rf"/api/models/{_REPO}/branch/{_REV}", "create_branch"),
     ("POST", rf"/api/models/{_REPO}/preupload/{_REV}", "preupload"),
     ("POST", rf"/api/models/{_REPO}/commit/{_REV}", "commit"),
+    ("POST", r"/oauth/token", "oauth_token"),
+    ("GET", r"/_github/oidc", "github_oidc"),
 ]
+#: The bearer token GitHub's id-token endpoint (stood in for by `github_oidc`) wants: what
+#: GitHub Actions puts in `ACTIONS_ID_TOKEN_REQUEST_TOKEN`.
+GITHUB_REQUEST_TOKEN = "github-request-token"
+#: Routes whose bearer is not the Hub token: the Trusted Publishers exchange takes none (the id
+#: token is in the body), and GitHub's id-token endpoint takes its own.
+_BEARERS = {"/oauth/token": None, "/_github/oidc": GITHUB_REQUEST_TOKEN}
 #: The X-Error-Code the Hub sends with an error status, which huggingface_hub maps to its errors.
 _ERROR_CODES = {404: "RepoNotFound"}
 
@@ -99,6 +111,8 @@ class HubServer:
     def __init__(self, token: str) -> None:
         self.token = token
         self.repos: dict[str, Repo] = {}
+        #: repo id -> the OIDC id token its Trusted Publisher accepts (exchanged for `token`)
+        self.trusted_publishers: dict[str, str] = {}
         #: (method, path) of every request, in order, failures included
         self.requests: list[tuple[str, str]] = []
         #: (method, path) of requests no route matched
@@ -222,13 +236,29 @@ class HubServer:
         pr = f"{url}/discussions/{rev.rsplit('/', 1)[1]}" if rev.startswith("refs/pr/") else None
         return {"commitUrl": f"{url}/commit/{oid}", "commitOid": oid, "pullRequestUrl": pr}
 
+    def oauth_token(self, request: _Request) -> dict[str, Any]:
+        """The Trusted Publishers exchange (RFC 8693): an accepted id token buys the Hub token."""
+        body = request.json()
+        if self.trusted_publishers.get(body.get("resource")) != body.get("subject_token"):
+            raise _Reply(400, "invalid_grant: no trusted publisher matches this id token")
+        return {"access_token": self.token, "token_type": "bearer", "expires_in": 3600}
+
+    def github_oidc(self, request: _Request) -> dict[str, Any]:
+        """GitHub Actions' id-token endpoint: an id token naming the audience it was asked for."""
+        return {"value": github_id_token(request.query.get("audience", ""))}
+
     def _repo(self, repo_id: str) -> Repo:
         if repo_id not in self.repos:
             raise _Reply(404, "Repository not found", "RepoNotFound")
         return self.repos[repo_id]
 
     def _ref(self, repo_id: str, rev: str) -> dict[str, bytes]:
-        refs = self._repo(repo_id).refs
+        repo = self._repo(repo_id)
+        refs = repo.refs
+        # A commit id (which downloads pin) names its ref's files while it is the ref's latest
+        # commit: the server keeps no older states.
+        latest = {c["ref"]: c["oid"] for c in repo.commits}
+        rev = next((ref for ref, oid in latest.items() if oid == rev), rev)
         if rev not in refs:
             raise _Reply(404, f"Invalid rev id: {rev}", "RevisionNotFound")
         return refs[rev]
@@ -242,7 +272,13 @@ class HubServer:
             self.requests.append((method, url.path))
             try:
                 self._fail_if_asked(url.path)
-                if headers.get("Authorization") != f"Bearer {self.token}":
+                auth = headers.get("Authorization")
+                bearer = _BEARERS.get(url.path, self.token)
+                if (
+                    bearer
+                    and auth != f"Bearer {bearer}"
+                    and not (auth is None and self._public_read(method, url.path))
+                ):
                     raise _Reply(401, "Invalid credentials in Authorization header")
                 query = {k: v[0] for k, v in parse_qs(url.query).items()}
                 return 200, self._dispatch(method, url.path, query, body), {}
@@ -261,6 +297,12 @@ class HubServer:
                 return getattr(self, name)(_Request(body=body, query=query, **args))
         self.unknown.append((method, path))
         raise _Reply(501, f"the test Hub does not implement {method} {path}")
+
+    def _public_read(self, method: str, path: str) -> bool:
+        """Like the Hub, anyone may read a public repo without a token (a wrong token is 401)."""
+        match = re.match(rf"/api/models/{_REPO}(/|$)", path)
+        repo = self.repos.get(match["repo"]) if match else None
+        return method == "GET" and repo is not None and not repo.private
 
     def _fail_if_asked(self, path: str) -> None:
         for failure in self._failures:
@@ -292,6 +334,11 @@ def _handler_class(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             pass  # the requests are in hub.requests; stderr noise would only hide test output
 
     return Handler
+
+
+def github_id_token(audience: str) -> str:
+    """The id token `github_oidc` mints for `audience` (the Hub's URL, when asked rightly)."""
+    return f"github-id-token-for:{audience}"
 
 
 def published_files(folder: Path) -> dict[str, bytes]:

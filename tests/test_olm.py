@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,6 @@ import torch
 
 from hubmerge import zoo
 from hubmerge.config import parse_config
-from hubmerge.errors import HubmergeError
 from hubmerge.merge import merge, open_sources
 from tests.helpers import logits, run_cli, tensors, write_yaml
 
@@ -53,8 +51,14 @@ def test_prefix_cached_scores_equal_full_evaluations() -> None:
         "add": ("bigram", load_conversations(zoo.dataset_path("add", "selection"))[:10]),
         "sort": ("exact", load_conversations(zoo.dataset_path("sort", "selection"))[:10]),
     }
-    working = WorkingModel(base, samples, limits=Limits(None, 16, 1, 16), batch_size=4,
-                           device="cpu", dtype=torch.float32)  # fmt: skip
+    working = WorkingModel(
+        base,
+        samples,
+        limits=Limits(None, 16, 1, 16),
+        batch_size=4,
+        device="cpu",
+        dtype=torch.float32,
+    )
     for position in (1, base.num_layers - 1):
         working.cache_prefix(position)
         working.load_layer(position, other, position)
@@ -87,7 +91,10 @@ def test_zoo_run_end_to_end_is_deterministic_and_never_worse(tmp_path: Path) -> 
         assert layer["candidates"][0] == layer["current"]
 
     # The output is the plan: layer i equals the winner's layer i, and it loads and runs.
-    out, plan = tensors(tmp_path / "a"), json.loads((tmp_path / "a" / "hubmerge_plan.json").read_text())
+    out, plan = (
+        tensors(tmp_path / "a"),
+        json.loads((tmp_path / "a" / "hubmerge_plan.json").read_text()),
+    )
     for layer in report["layers"]:
         winner = tensors(Path(layer["best_model"]))
         i = layer["layer"]
@@ -100,8 +107,12 @@ def test_zoo_run_end_to_end_is_deterministic_and_never_worse(tmp_path: Path) -> 
 
 
 def test_single_dataset_scores_never_increase(tmp_path: Path) -> None:
-    config = olm_config(tmp_path, dataset={str(zoo.dataset_path("add", "selection")): {"mode": "bigram"}},
-                        base_model=str(zoo.model_path("tiny-reverse")), direction="forward")  # fmt: skip
+    config = olm_config(
+        tmp_path,
+        dataset={str(zoo.dataset_path("add", "selection")): {"mode": "bigram"}},
+        base_model=str(zoo.model_path("tiny-reverse")),
+        direction="forward",
+    )
     merge(parse_config(config, "test"), tmp_path / "out")
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
     name = next(iter(config["dataset"]))
@@ -113,8 +124,9 @@ def test_single_dataset_scores_never_increase(tmp_path: Path) -> None:
         previous = score
 
 
-def test_interrupted_run_resumes_without_repeating_work(tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_interrupted_run_resumes_without_repeating_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from hubmerge.methods.olm import search as search_module
 
     config = parse_config(olm_config(tmp_path), "test")
@@ -143,8 +155,9 @@ def test_interrupted_run_resumes_without_repeating_work(tmp_path: Path,
     counters = resumed["evaluation"]
     depth, rivals = len(resumed["layers"]), len(POOL) - 1
     assert counters["full_evaluations"] + counters["prefix_evaluations"] == (depth - 2) * rivals
-    assert report_without_timings(tmp_path / "out")["layers"] == (
-        report_without_timings(tmp_path / "full")["layers"]
+    assert (
+        report_without_timings(tmp_path / "out")["layers"]
+        == (report_without_timings(tmp_path / "full")["layers"])
     )
     full, out = tensors(tmp_path / "full"), tensors(tmp_path / "out")
     assert all(torch.equal(full[k], out[k]) for k in full)
@@ -174,15 +187,26 @@ def test_changed_config_is_refused_unless_restart(
     assert report["complete"]
 
 
-@pytest.mark.parametrize(("record", "needle"), [
-    ({"conversation": [{"from": "human", "value": "hi"}]}, "record 1 has no assistant"),
-    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}, None),
-])  # fmt: skip
-def test_dataset_errors_name_file_and_record(tmp_path: Path, record: dict, needle: str | None) -> None:
+@pytest.mark.parametrize(
+    ("record", "needle"),
+    [
+        ({"conversation": [{"from": "human", "value": "hi"}]}, "record 1 has no assistant"),
+        (
+            {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},
+            None,
+        ),
+    ],
+)
+def test_dataset_errors_name_file_and_record(
+    tmp_path: Path, record: dict, needle: str | None
+) -> None:
     good = {"conversation": [{"from": "human", "value": "add 1+1"}, {"from": "gpt", "value": "2"}]}
     (tmp_path / "data.json").write_text(json.dumps([good, record]))
-    config = olm_config(tmp_path, dataset={"data.json": {"mode": "bigram"}},
-                        base_model=str(zoo.model_path("tiny-base")))  # fmt: skip
+    config = olm_config(
+        tmp_path,
+        dataset={"data.json": {"mode": "bigram"}},
+        base_model=str(zoo.model_path("tiny-base")),
+    )
     result = run_cli("merge", write_yaml(tmp_path / "c.yaml", config), tmp_path / "out")
     if needle is None:
         assert result.exit_code == 0, result.output
@@ -196,10 +220,14 @@ def test_bad_olm_configs(tmp_path: Path) -> None:
     cases = [
         (olm_config(tmp_path, dataset={"empty.json": {"mode": "bigram"}}), "empty.json"),
         (olm_config(tmp_path, dataset={"x.json": {"mode": "fuzzy"}}), "dataset['x.json'].mode"),
-        (olm_config(tmp_path, models=[str(zoo.model_path("tiny-base")),
-                                      str(zoo.model_path("tiny-incompatible"))]),
-         "hidden_size"),
-    ]  # fmt: skip
+        (
+            olm_config(
+                tmp_path,
+                models=[str(zoo.model_path("tiny-base")), str(zoo.model_path("tiny-incompatible"))],
+            ),
+            "hidden_size",
+        ),
+    ]
     for config, needle in cases:
         result = run_cli("merge", write_yaml(tmp_path / "c.yaml", config), tmp_path / "out")
         assert result.exit_code == 2 and needle in result.output, result.output

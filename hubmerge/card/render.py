@@ -86,7 +86,22 @@ def check_card(
 ) -> str | None:
     """None when the card on disk is what rendering gives now; else a short unified diff."""
     path = Path(output) if output else Path(model_dir) / CARD_FILE
-    fresh = render_card(model_dir, results=results, template=template)
+    return stale_diff(path, render_card(model_dir, results=results, template=template))
+
+
+def card_files(
+    model_dir: Path, *, results: Sequence[Path] = (), template: Path | None = None
+) -> dict[str, str]:
+    """What `write_card` writes into `model_dir`, by file name: the card and its layer map."""
+    rendered = _render(model_dir, results, template, None)
+    return {CARD_FILE: rendered.card, LAYER_MAP_FILE: rendered.layer_map}
+
+
+def stale_diff(path: Path, fresh: str) -> str | None:
+    """A unified diff from the file at `path` to `fresh`; None when they are the same.
+
+    A missing file counts as empty. The diff is cut to `DIFF_LINES`, so a CI log stays readable.
+    """
     try:
         on_disk = path.read_text(encoding="utf-8")
     except FileNotFoundError:

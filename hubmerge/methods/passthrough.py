@@ -70,12 +70,16 @@ def plan(config: PassthroughConfig, sources: Mapping[str, ModelSource]) -> Merge
 
 
 def _scale(name: str, t: float, levels: list[Parameters | None]) -> float:
-    for params in levels:
-        if params is not None and params.scale is not None:
-            value = evaluate(params.scale, name, t)
-            if value is not None:
-                return value
-    return 1.0
+    value = resolve([params.scale if params else None for params in levels], name, t)
+    return 1.0 if value is None else value
+
+
+def resolve(settings: list[ScaleSetting | None], name: str, t: float) -> float | None:
+    """mergekit's lookup: the first setting, most specific first, that yields a value."""
+    for setting in settings:
+        if setting is not None and (value := evaluate(setting, name, t)) is not None:
+            return value
+    return None
 
 
 def evaluate(setting: ScaleSetting, name: str, t: float) -> float | None:

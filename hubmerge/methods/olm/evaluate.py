@@ -17,12 +17,12 @@ import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
 from hubmerge.datasets import Sample
+from hubmerge.generation import build_prompts, eos_ids, greedy_decode
 from hubmerge.methods.olm.scoring import (
     Score,
     bigram_score,
@@ -97,14 +97,16 @@ class WorkingModel:
         dtype: torch.dtype,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging
 
+        logging.disable_progress_bar()  # hubmerge shows its own progress
         self.tokenizer = AutoTokenizer.from_pretrained(base.path)
         self.model = AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype).to(device).eval()
         self.device = torch.device(device)
         self.limits = limits
         self.counters = Counters()
         self._params = self.model.state_dict(keep_vars=True)
-        self._eos = _eos_ids(self.model, self.tokenizer)
+        self._eos = eos_ids(self.model, self.tokenizer)
         pad = self.tokenizer.pad_token_id
         self._pad = pad if pad is not None else (self._eos[0] if self._eos else 0)
         self.tasks = [
@@ -235,29 +237,18 @@ class WorkingModel:
     def _generate(self, task: Task, max_new_tokens: int) -> list[str]:
         began = time.perf_counter()
         outputs: list[str] = []
-        with torch.inference_mode():
-            for batch in task.prompt_batches:
-                generated = self.model.generate(
-                    input_ids=batch.input_ids,
-                    attention_mask=batch.attention_mask,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    use_cache=True,
-                    eos_token_id=self._eos or None,
-                    pad_token_id=self._pad,
-                )
-                for row in generated[:, batch.input_ids.shape[1] :].tolist():
-                    end = next((i for i, t in enumerate(row) if t in self._eos), len(row))
-                    self.counters.generated_tokens += end
-                    outputs.append(self.tokenizer.decode(row[:end], skip_special_tokens=True))
+        for batch in task.prompt_batches:
+            rows = greedy_decode(
+                self.model, batch.input_ids, batch.attention_mask, max_new_tokens, self._eos
+            )
+            self.counters.generated_tokens += sum(len(row) for row in rows)
+            outputs += [self.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
         self.counters.generation_seconds += time.perf_counter() - began
         return outputs
 
     # -- tokenization (once per dataset) --------------------------------------------------------
 
     def _tokenize(self, name: str, mode: str, samples: list[Sample], batch_size: int) -> Task:
-        from hubmerge.generation import build_prompts
-
         prompts = build_prompts(self.tokenizer, samples)
         prompt_ids = [self._encode(p) for p in prompts]
         answer_ids = [self._encode(s.reference) for s in samples]
@@ -297,12 +288,3 @@ class WorkingModel:
 def task_max_new_tokens(task: Task, limits: Limits) -> int:
     """exact mode generates at most the longest reference plus a margin, unless configured."""
     return limits.exact_max_new_tokens or task.max_answer_tokens + 4
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    configured = model.generation_config.eos_token_id
-    if configured is None:
-        configured = tokenizer.eos_token_id
-    if configured is None:
-        return []
-    return [configured] if isinstance(configured, int) else list(configured)
