@@ -109,8 +109,8 @@ def test_chat_template_renders_chatml(loaded: Loaded) -> None:
         "<|im_start|>user\nadd 1+2<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+    ids = encoded["input_ids"]
     assert ids[0] == tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert tokenizer.decode(ids) == text
     assert tokenizer.eos_token == "<|im_end|>"
