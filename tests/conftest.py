@@ -11,6 +11,9 @@ from hubmerge import hub as hubmerge_hub
 from tests.hubserver import TOKEN, HubServer
 from tests.tinymodels import make_model
 
+# Test models are tiny: per-op overhead dominates and a second thread only adds contention.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
