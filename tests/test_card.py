@@ -21,7 +21,6 @@ from hubmerge.config import OlmConfig
 from hubmerge.merge import PLANNERS
 from hubmerge.plan import EdgePlan, LayerPlan, MergePlan
 from tests.helpers import run_cli, write_yaml
-from tests.tinymodels import make_model
 
 GOLDEN = Path(__file__).parent / "golden"
 LEADERBOARD = Path(__file__).parent / "data" / "lm_eval_leaderboard.json"
@@ -374,10 +373,9 @@ def test_a_task_in_two_results_files(local: Callable[[str], str]) -> None:
 
 def test_usage_snippet_runs(tmp_path: Path) -> None:
     """The card's transformers snippet, pointed at the folder, loads and chats."""
-    from hubmerge.zoo.train import build_tokenizer, save_tokenizer
+    from hubmerge import zoo
 
-    source = make_model("qwen2", Path("chat"), vocab_size=100)
-    save_tokenizer(build_tokenizer(), source)
+    shutil.copytree(zoo.model_path("tiny-base"), "chat")  # a real chat model: template included
     out = merge({"merge_method": "block_expansion", "model": "chat", "append": 1})
     text = (out / "README.md").read_text()
     code = text.split("```python\n")[1].split("```")[0]
