@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,16 @@ def reference_ner(matrix: np.ndarray | torch.Tensor, *, minmax: bool = False) ->
         return 0.0
     p = s / s.sum()
     return float(-(p * np.log2(p)).sum() / np.log2(len(s)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Score the matrices tested directly on one thread, as merges do on the CPU: LAPACK on
+    two threads stalls for seconds on tiny matrices while the other core is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
