@@ -32,6 +32,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run each test in its own folder so relative model paths and outputs stay contained."""
     monkeypatch.chdir(tmp_path)
+    # Caches (NER scores) go to the test's folder, never the user's ~/.cache.
+    monkeypatch.setenv("HUBMERGE_CACHE", str(tmp_path / ".cache"))
 
 
 @pytest.fixture
