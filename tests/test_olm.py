@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -40,12 +41,31 @@ def report_without_timings(folder: Path) -> dict:
     return report
 
 
-def test_prefix_cached_scores_equal_full_evaluations() -> None:
-    """Scoring from the cached input of layer p gives what a whole forward pass gives."""
+def sliding_copy(name: str, folder: Path) -> str:
+    """A zoo model whose layers alternate sliding-window and full attention (window 4)."""
+    shutil.copytree(zoo.model_path(name), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config |= {
+        "use_sliding_window": True,
+        "sliding_window": 4,
+        "max_window_layers": 0,
+        "layer_types": ["full_attention", "sliding_attention"] * 2,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+@pytest.mark.parametrize("attention", ["full", "alternating"])
+def test_prefix_cached_scores_equal_full_evaluations(tmp_path: Path, attention: str) -> None:
+    """Scoring from the cached input of layer p gives what a whole forward pass gives, also
+    when each layer's attention mask depends on its index (sliding-window layers)."""
     from hubmerge.datasets import load_conversations
     from hubmerge.methods.olm.evaluate import Limits, WorkingModel
 
-    sources = open_sources([str(zoo.model_path(m)) for m in ("tiny-base", "tiny-sort")])
+    refs = [str(zoo.model_path(m)) for m in ("tiny-base", "tiny-sort")]
+    if attention == "alternating":
+        refs = [sliding_copy(m, tmp_path / m) for m in ("tiny-base", "tiny-sort")]
+    sources = open_sources(refs)
     base, other = sources.values()
     samples = {
         "add": ("bigram", load_conversations(zoo.dataset_path("add", "selection"))[:10]),
@@ -59,7 +79,9 @@ def test_prefix_cached_scores_equal_full_evaluations() -> None:
         device="cpu",
         dtype=torch.float32,
     )
-    for position in (1, base.num_layers - 1):
+    with pytest.raises(ValueError, match="cache_prefix"):
+        working.evaluate(start=1)  # no cached prefix for position 1 yet
+    for position in range(1, base.num_layers):
         working.cache_prefix(position)
         working.load_layer(position, other, position)
         fast = working.evaluate(start=position)
@@ -68,7 +90,8 @@ def test_prefix_cached_scores_equal_full_evaluations() -> None:
             assert f.value == pytest.approx(s.value, rel=1e-5)
             assert f.tiebreak == pytest.approx(s.tiebreak, rel=1e-5)
         working.load_layer(position, base, position)
-    assert working.counters.prefix_evaluations == 2 and working.counters.full_evaluations == 2
+    depth = base.num_layers - 1
+    assert working.counters.prefix_evaluations == depth == working.counters.full_evaluations
 
 
 def test_zoo_run_end_to_end_is_deterministic_and_never_worse(tmp_path: Path) -> None:
@@ -233,3 +256,12 @@ def test_bad_olm_configs(tmp_path: Path) -> None:
         assert result.exit_code == 2 and needle in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
         assert not (tmp_path / "out").exists()
+
+
+def test_device_map_auto_gives_the_same_choices(tmp_path: Path) -> None:
+    """`--device auto` (accelerate's device_map) runs the same search; here all on the CPU."""
+    pytest.importorskip("accelerate")
+    config = olm_config(tmp_path, base_model=str(zoo.model_path("tiny-base")), direction="forward")
+    merge(parse_config(config, "cpu"), tmp_path / "cpu", device="cpu")
+    merge(parse_config(config, "auto"), tmp_path / "auto", device="auto")
+    assert report_without_timings(tmp_path / "auto") == report_without_timings(tmp_path / "cpu")

@@ -101,8 +101,16 @@ class WorkingModel:
 
         logging.disable_progress_bar()  # hubmerge shows its own progress
         self.tokenizer = AutoTokenizer.from_pretrained(base.path)
-        self.model = AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype).to(device).eval()
-        self.device = torch.device(device)
+        if device == "auto":
+            # Larger than one device: accelerate spreads the layers over the GPUs and CPU memory;
+            # a swap then copies the candidate to wherever its position lives.
+            self.model = AutoModelForCausalLM.from_pretrained(
+                base.path, dtype=dtype, device_map="auto"
+            ).eval()
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype).to(device)
+            self.model.eval()
+        self.device = self.model.get_input_embeddings().weight.device
         self.limits = limits
         self.counters = Counters()
         self._params = self.model.state_dict(keep_vars=True)
@@ -113,6 +121,7 @@ class WorkingModel:
             self._tokenize(name, mode, items, batch_size) for name, (mode, items) in samples.items()
         ]
         self._prefix: dict[int, list[torch.Tensor]] = {}
+        self._prefix_start = 0
 
     # -- editing ------------------------------------------------------------------------------
 
@@ -140,6 +149,8 @@ class WorkingModel:
     def evaluate(self, start: int = 0) -> list[Score]:
         """Score every task. With `start` > 0, teacher-forced passes reuse the cached input of
         layer `start` (call `cache_prefix(start)` first; layers below it must not change)."""
+        if start and start != self._prefix_start:
+            raise ValueError(f"evaluate(start={start}) needs cache_prefix({start}) first")
         began = time.perf_counter()
         scores = [self._score(task, index, start) for index, task in enumerate(self.tasks)]
         spent = time.perf_counter() - began
@@ -154,6 +165,7 @@ class WorkingModel:
     def cache_prefix(self, start: int) -> None:
         """Compute, once, the hidden states entering layer `start` for every forced batch."""
         self._prefix.clear()
+        self._prefix_start = start
         if start == 0:
             return
         captured: list[torch.Tensor] = []
@@ -194,13 +206,14 @@ class WorkingModel:
             keep = max(batch.answer_lengths) + 1
             with torch.inference_mode(), self._from_layer(start, index, batch_index):
                 logits = self._forward(batch, keep=keep)
-            log_probs = torch.log_softmax(logits.float(), dim=-1)
             width = batch.input_ids.shape[1]
             for row, length in enumerate(batch.answer_lengths):
-                targets = batch.input_ids[row, width - length :]
-                positions = torch.arange(keep - length - 1, keep - 1, device=logits.device)
-                picked = log_probs[row, positions].gather(-1, targets.unsqueeze(-1))
-                yield (-picked.squeeze(-1)).tolist()
+                # One row's answer positions at a time, in float32: with a 150k vocabulary a
+                # whole batch's log-softmax would be gigabytes.
+                targets = batch.input_ids[row, width - length :].unsqueeze(-1)
+                predicted = logits[row, keep - length - 1 : keep - 1].float()
+                ce = predicted.logsumexp(-1) - predicted.gather(-1, targets).squeeze(-1)
+                yield ce.tolist()
 
     @contextlib.contextmanager
     def _from_layer(self, start: int, task_index: int, batch_index: int) -> Iterator[None]:
@@ -217,12 +230,20 @@ class WorkingModel:
                 return (cached, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": cached}
 
+        # The decoder picks each layer's attention mask by its index in `config.layer_types`:
+        # slice that list with the layers, or a sliding layer would get a full mask (or back).
+        config = decoder.config
+        types = getattr(config, "layer_types", None)
         handle = layers[start].register_forward_pre_hook(feed, with_kwargs=True)
         decoder.layers = nn.ModuleList(list(layers)[start:])
+        if types is not None:
+            config.layer_types = types[start:]
         try:
             yield
         finally:
             decoder.layers = layers
+            if types is not None:
+                config.layer_types = types
             handle.remove()
 
     def _forward(self, batch: _Batch, *, keep: int) -> torch.Tensor:
