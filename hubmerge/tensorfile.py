@@ -19,7 +19,6 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
@@ -163,8 +162,8 @@ def _narrow(wide: np.ndarray, dtype: str) -> np.ndarray:
     return bits.astype(np.uint16)
 
 
-def transform(info: TensorInfo, scale: float, compute: str, out: str, dst: BinaryIO) -> None:
-    """Write `info`'s tensor cast to `compute`, multiplied by `scale`, cast to `out`, to `dst`.
+def transform(info: TensorInfo, scale: float, compute: str, out: str, fd: int, offset: int) -> None:
+    """Write `info`'s tensor cast to `compute`, times `scale`, cast to `out`, at `fd`'s `offset`.
 
     This is the sequence mergekit runs for a passthrough tensor (load as `dtype`, multiply,
     save as `out_dtype`), each step rounding as torch does, so the results are bit-identical.
@@ -194,4 +193,7 @@ def transform(info: TensorInfo, scale: float, compute: str, out: str, dst: Binar
                 arr = _narrow(wide, compute)
             if out != compute:
                 arr = _narrow(to_float32(arr, compute), out)
-            dst.write(arr.tobytes())
+            data = memoryview(arr.tobytes())
+            while data:  # pwrite may write less than asked
+                written = os.pwrite(fd, data, offset)
+                data, offset = data[written:], offset + written

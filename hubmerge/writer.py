@@ -14,9 +14,10 @@ import os
 import re
 import shutil
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 from hubmerge import arch
 from hubmerge.errors import ConfigError, OutputError, SourceError
@@ -54,6 +55,8 @@ _UNITS = {
     "TIB": 2**40,
 }
 _COPY_CHUNK = 1 << 26
+#: Threads writing tensors: enough to overlap arithmetic with kernel copies on a small machine.
+_WRITERS = min(4, os.cpu_count() or 1)
 
 
 class Progress(Protocol):
@@ -109,29 +112,40 @@ def write_model(
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
     with contextlib.ExitStack() as stack:
-        handles: dict[Path, BinaryIO] = {}
-
-        def handle(path: Path) -> BinaryIO:
-            if path not in handles:
-                handles[path] = stack.enter_context(path.open("rb"))
-            return handles[path]
-
+        source_fd = {
+            path: stack.enter_context(path.open("rb")).fileno()
+            for path in sorted({p.tensor.source.file for p in planned if p.raw})
+        }
+        jobs: list[tuple[_Planned, int, int]] = []  # (tensor, output fd, output offset)
         for name, shard in zip(names, shards, strict=True):
-            with (out_dir / name).open("wb") as out:
-                out.write(
-                    encode_header(
-                        [(p.tensor.name, p.out, p.tensor.source.shape, p.nbytes) for p in shard]
-                    )
+            out = stack.enter_context((out_dir / name).open("wb"))
+            header = encode_header(
+                [(p.tensor.name, p.out, p.tensor.source.shape, p.nbytes) for p in shard]
+            )
+            out.write(header)
+            out.flush()
+            offset = len(header)
+            for p in shard:
+                jobs.append((p, out.fileno(), offset))
+                offset += p.nbytes
+
+        def write(job: tuple[_Planned, int, int]) -> int:
+            p, fd, offset = job
+            if p.raw:
+                _copy_range(
+                    source_fd[p.tensor.source.file], fd, p.tensor.source.offset, offset, p.nbytes
                 )
-                for p in shard:
-                    if p.raw:
-                        _copy_range(
-                            handle(p.tensor.source.file), out, p.tensor.source.offset, p.nbytes
-                        )
-                    else:
-                        transform(p.tensor.source, p.tensor.scale, p.compute, p.out, out)
-                    if progress:
-                        progress.advance(p.nbytes)
+            else:
+                transform(p.tensor.source, p.tensor.scale, p.compute, p.out, fd, offset)
+            return p.nbytes
+
+        # Every tensor's place in its shard is known, so tensors are written out of order by a
+        # few threads: kernel copies and numpy arithmetic both release the GIL, and scaling one
+        # tensor overlaps copying another. Each thread holds at most one arithmetic chunk.
+        with ThreadPoolExecutor(max_workers=_WRITERS) as pool:
+            for done in pool.map(write, jobs):
+                if progress:
+                    progress.advance(done)
     if len(shards) > 1:
         weight_map = {
             p.tensor.name: name for name, shard in zip(names, shards, strict=True) for p in shard
@@ -179,27 +193,27 @@ def _shard(planned: list[_Planned], shard_size: int) -> list[list[_Planned]]:
     return shards
 
 
-def _copy_range(src: BinaryIO, dst: BinaryIO, offset: int, count: int) -> None:
+def _copy_range(src: int, dst: int, src_offset: int, dst_offset: int, count: int) -> None:
     """Copy bytes file-to-file in the kernel where possible (no trip through user memory)."""
-    dst.flush()
     try:
         while count:
-            done = os.copy_file_range(src.fileno(), dst.fileno(), count, offset)
+            done = os.copy_file_range(src, dst, count, src_offset, dst_offset)
             if done == 0:
                 raise OSError("source ended early")
-            offset += done
-            count -= done
-        dst.seek(0, os.SEEK_END)
+            src_offset, dst_offset, count = src_offset + done, dst_offset + done, count - done
         return
     except (AttributeError, OSError):
-        dst.seek(0, os.SEEK_END)  # fall back to a buffered copy from where the kernel stopped
+        pass  # no kernel copy here (old kernel, other filesystem): copy through a buffer
     while count:
-        chunk = os.pread(src.fileno(), min(count, _COPY_CHUNK), offset)
+        chunk = os.pread(src, min(count, _COPY_CHUNK), src_offset)
         if not chunk:
-            raise SourceError(f"{src.name}: file ended early (truncated while merging?)")
-        dst.write(chunk)
-        offset += len(chunk)
-        count -= len(chunk)
+            raise SourceError(f"fd {src}: file ended early (truncated while merging?)")
+        os.pwrite(dst, chunk, dst_offset)
+        src_offset, dst_offset, count = (
+            src_offset + len(chunk),
+            dst_offset + len(chunk),
+            count - len(chunk),
+        )
 
 
 def _write_config(

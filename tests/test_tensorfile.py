@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pytest
@@ -39,9 +38,10 @@ def test_transform_matches_torch(
     save_file({"w": values}, tmp_path / "t.safetensors")
     info = read_header(tmp_path / "t.safetensors")["w"]
     for scale in (1.0, 1.5, 0.0, -0.3, 3.14159):
-        buffer = io.BytesIO()
-        transform(info, scale, compute, out, buffer)
-        got = torch.frombuffer(bytearray(buffer.getvalue()), dtype=TORCH[out])
+        target = tmp_path / "out.bin"
+        with target.open("wb") as f:
+            transform(info, scale, compute, out, f.fileno(), 0)
+        got = torch.frombuffer(bytearray(target.read_bytes()), dtype=TORCH[out])
         expected = values.to(TORCH[compute])
         if scale != 1.0:
             expected = expected * scale
