@@ -243,7 +243,7 @@ def _scales_text(scales: Mapping[str, float]) -> str:
     for name, value in scales.items():
         by_value.setdefault(value, []).append(_module(name))
     return ", ".join(
-        f"{'/'.join(dict.fromkeys(names))} x{value:g}" for value, names in by_value.items()
+        f"{'/'.join(sorted(set(names)))} x{value:g}" for value, names in by_value.items()
     )
 
 
