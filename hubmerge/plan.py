@@ -80,6 +80,22 @@ class MergePlan:
     #: Every model that contributes, base first: the card's lineage.
     models: list[str] = field(default_factory=list)
 
+    @classmethod
+    def from_base(
+        cls,
+        method: str,
+        base: str,
+        layers: list[LayerPlan],
+        *,
+        dtype: str | None,
+        out_dtype: str | None,
+        models: list[str],
+    ) -> MergePlan:
+        """A plan whose embeddings, head, config and tokenizer all come from `base`."""
+        return cls(
+            method, layers, EdgePlan(base), EdgePlan(base), base, base, dtype, out_dtype, models
+        )
+
     def tensors(self, sources: Mapping[str, ModelSource]) -> Iterator[OutputTensor]:
         """Every output tensor in file order: embeddings, the layers, then the head."""
         for name, info in edge_tensors(sources[self.embed.model], pre=True).items():

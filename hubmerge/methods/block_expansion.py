@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from hubmerge.config import BlockExpansionConfig
 from hubmerge.errors import ConfigError
-from hubmerge.plan import EdgePlan, LayerPlan, MergePlan
+from hubmerge.plan import LayerPlan, MergePlan
 from hubmerge.sources import ModelSource
 
 
@@ -35,13 +35,10 @@ def plan(config: BlockExpansionConfig, sources: Mapping[str, ModelSource]) -> Me
             layers.append(LayerPlan(config.model, index, zeroed[index]))
     if config.append is not None:
         layers += [LayerPlan(config.model, depth - 1, zeroed[depth - 1]) for _ in copies]
-    return MergePlan(
-        method="block_expansion",
-        layers=layers,
-        embed=EdgePlan(config.model),
-        head=EdgePlan(config.model),
-        donor=config.model,
-        tokenizer=config.model,
+    return MergePlan.from_base(
+        "block_expansion",
+        config.model,
+        layers,
         dtype=config.dtype,
         out_dtype=config.out_dtype,
         models=[config.model],

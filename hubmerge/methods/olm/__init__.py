@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from hubmerge.config import OlmConfig
-from hubmerge.plan import EdgePlan, LayerPlan, MergePlan
+from hubmerge.plan import LayerPlan, MergePlan
 from hubmerge.sources import ModelSource
 
 if TYPE_CHECKING:
@@ -37,13 +37,10 @@ def plan(config: OlmConfig, sources: Mapping[str, ModelSource], context: MergeCo
     if context.staging is not None:
         (context.staging / REPORT_FILE).write_text(json.dumps(result.report, indent=2) + "\n")
     used = [m for m in config.models if m in result.winners and m != result.base]
-    return MergePlan(
-        method="olm",
-        layers=[LayerPlan(model, index) for index, model in enumerate(result.winners)],
-        embed=EdgePlan(result.base),
-        head=EdgePlan(result.base),
-        donor=result.base,
-        tokenizer=result.base,
+    return MergePlan.from_base(
+        "olm",
+        result.base,
+        [LayerPlan(model, index) for index, model in enumerate(result.winners)],
         dtype=config.dtype,
         out_dtype=config.out_dtype,
         models=[result.base, *used],
