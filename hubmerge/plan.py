@@ -219,8 +219,12 @@ class MergePlan:
             if rules:
                 source["parameters"] = {"scale": rules}
             slices.append({"sources": [source]})
+        return self.recipe_with("passthrough", slices)
+
+    def recipe_with(self, method: str, slices: list[dict[str, Any]]) -> dict[str, Any]:
+        """A mergekit config of `method` over `slices`, with this plan's donors and dtypes."""
         recipe: dict[str, Any] = {
-            "merge_method": "passthrough",
+            "merge_method": method,
             "base_model": self.donor,
             "slices": slices,
         }

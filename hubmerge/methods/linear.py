@@ -189,14 +189,7 @@ def selection_recipe(plan: MergePlan, sources: Mapping[str, ModelSource]) -> dic
                 }
             )
         slices.append({"sources": entries})
-    recipe: dict[str, Any] = {"merge_method": "linear", "base_model": plan.donor, "slices": slices}
-    if plan.tokenizer != plan.donor:
-        recipe["tokenizer_source"] = plan.tokenizer
-    if plan.dtype:
-        recipe["dtype"] = plan.dtype
-    if plan.out_dtype and plan.out_dtype != plan.dtype:
-        recipe["out_dtype"] = plan.out_dtype
-    return recipe
+    return plan.recipe_with("linear", slices)
 
 
 def _edge_weights(source: ModelSource, donor: bool, *, pre: bool) -> dict[str, float]:
