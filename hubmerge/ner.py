@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from hubmerge.errors import ConfigError
-from hubmerge.tensorfile import TensorInfo, read_array
+from hubmerge.tensorfile import TensorInfo, read_tensor
 
 Normalize = Literal["none", "minmax"]
 
@@ -112,10 +112,7 @@ def matrix_ner(matrix: np.ndarray | torch.Tensor, *, normalize: Normalize = "non
 
 def score_tensor(info: TensorInfo, *, normalize: Normalize, device: str) -> float:
     """NER of one stored 2-D tensor, read from its file onto `device` in its stored dtype."""
-    stored = torch.from_numpy(read_array(info).reshape(info.shape))
-    if info.dtype == "BF16":
-        stored = stored.view(torch.bfloat16)  # read_array keeps bfloat16 as its uint16 bits
-    return matrix_ner(stored.to(device), normalize=normalize)
+    return matrix_ner(read_tensor(info).to(device), normalize=normalize)
 
 
 def check_device(device: str) -> str:

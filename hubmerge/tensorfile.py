@@ -19,10 +19,14 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hubmerge.errors import SourceError
+
+if TYPE_CHECKING:
+    import torch
 
 #: safetensors dtype code -> item size in bytes.
 ITEMSIZE: dict[str, int] = {
@@ -124,16 +128,29 @@ def encode_header(entries: list[tuple[str, str, tuple[int, ...], int]]) -> bytes
     return struct.pack("<Q", len(raw)) + raw
 
 
-def read_array(info: TensorInfo) -> np.ndarray:
-    """Read one tensor as a flat numpy array of its storage type (bf16 as uint16 bits)."""
+def _storage_type(info: TensorInfo) -> type[np.generic]:
+    """The numpy type holding `info`'s values (bf16 as uint16 bits); only float dtypes have one."""
     if info.dtype not in _NUMPY:
         raise SourceError(
             f"{info.file}: tensor {info.name!r} has dtype {info.dtype}, "
             "which hubmerge can copy but not scale or cast"
         )
+    return _NUMPY[info.dtype]
+
+
+def read_array(info: TensorInfo) -> np.ndarray:
+    """Read one tensor as a flat numpy array of its storage type (bf16 as uint16 bits)."""
     return np.fromfile(
-        info.file, dtype=_NUMPY[info.dtype], count=math.prod(info.shape), offset=info.offset
+        info.file, dtype=_storage_type(info), count=math.prod(info.shape), offset=info.offset
     )
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """Read one tensor into torch in its stored dtype and shape (for NER and OLM, not merging)."""
+    import torch
+
+    tensor = torch.from_numpy(read_array(info).reshape(info.shape))
+    return tensor.view(torch.bfloat16) if info.dtype == "BF16" else tensor
 
 
 def to_float32(arr: np.ndarray, dtype: str) -> np.ndarray:
@@ -170,11 +187,7 @@ def transform(info: TensorInfo, scale: float, compute: str, out: str, fd: int, o
     It works in cache-sized chunks with in-place arithmetic: memory stays at one chunk and the
     CPU cost is a few passes over L2-resident data instead of over the whole tensor.
     """
-    if info.dtype not in _NUMPY:
-        raise SourceError(
-            f"{info.file}: tensor {info.name!r} has dtype {info.dtype}, "
-            "which hubmerge can copy but not scale or cast"
-        )
+    storage = _storage_type(info)
     itemsize = ITEMSIZE[info.dtype]
     # Overflow to inf and NaN propagation are the intended IEEE results, as in torch.
     with info.file.open("rb") as src, np.errstate(over="ignore", invalid="ignore"):
@@ -182,7 +195,7 @@ def transform(info: TensorInfo, scale: float, compute: str, out: str, fd: int, o
             raw = os.pread(
                 src.fileno(), min(_CHUNK * itemsize, info.nbytes - begin), info.offset + begin
             )
-            arr = np.frombuffer(raw, dtype=_NUMPY[info.dtype])
+            arr = np.frombuffer(raw, dtype=storage)
             if compute != info.dtype:
                 arr = _narrow(to_float32(arr, info.dtype), compute)
             if scale != 1.0:

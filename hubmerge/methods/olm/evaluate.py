@@ -30,7 +30,7 @@ from hubmerge.methods.olm.scoring import (
     quality_score,
 )
 from hubmerge.sources import ModelSource
-from hubmerge.tensorfile import TensorInfo, read_array, to_float32
+from hubmerge.tensorfile import TensorInfo, read_tensor
 
 
 @dataclass(frozen=True)
@@ -130,9 +130,7 @@ class WorkingModel:
         start = time.perf_counter()
         with torch.no_grad():
             for name, info in tensors.items():
-                param = self._params[name]
-                values = torch.from_numpy(to_float32(read_array(info), info.dtype))
-                param.copy_(values.view(info.shape).to(param.dtype))
+                self._params[name].copy_(read_tensor(info))  # casts to the param's dtype/device
         self.counters.swaps += 1
         self.counters.swap_seconds += time.perf_counter() - start
 

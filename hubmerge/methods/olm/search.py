@@ -31,13 +31,6 @@ from hubmerge.methods.olm.report import (
 from hubmerge.methods.olm.scoring import Score, aggregate
 from hubmerge.sources import ModelSource
 
-_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
-
 
 @dataclass
 class SearchResult:
@@ -92,7 +85,7 @@ def search(
         ),
         batch_size=config.batch_size,
         device=device,
-        dtype=_DTYPES[config.dtype or "float32"],
+        dtype=getattr(torch, config.dtype or "float32"),
     )
     names = list(samples)
 
