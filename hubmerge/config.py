@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
 from hubmerge.errors import ConfigError
 
@@ -89,13 +97,34 @@ class _MergeConfig(_Strict):
     card: CardSettings | None = None
 
 
+def _not_union(value: str | None) -> str | None:
+    if value == "union":
+        raise ValueError("union is not supported (use base or a model)")
+    return value
+
+
+#: mergekit's `tokenizer_source`: `base` or a model; `union` would need vocabulary merging.
+TokenizerSource = Annotated[str | None, AfterValidator(_not_union)]
+
+
+def _sliced_models(
+    base_model: str | None, slices: list[Any], tokenizer_source: str | None
+) -> list[str]:
+    """Every model a slice-based (mergekit) config reads, base first, each once."""
+    refs = [base_model] if base_model else []
+    refs += [source.model for s in slices for source in s.sources]
+    if tokenizer_source and tokenizer_source != "base":
+        refs.append(tokenizer_source)
+    return list(dict.fromkeys(refs))
+
+
 class PassthroughConfig(_MergeConfig):
     """mergekit's `passthrough`: stack layer ranges of models, optionally scaling tensors."""
 
     merge_method: Literal["passthrough"]
     slices: Annotated[list[OutputSlice], Field(min_length=1)]
     base_model: str | None = None
-    tokenizer_source: str | None = None
+    tokenizer_source: TokenizerSource = None
     parameters: Parameters | None = None
 
     @model_validator(mode="after")
@@ -108,16 +137,10 @@ class PassthroughConfig(_MergeConfig):
                 raise ValueError(f"slices[{i}]: layer_range [{start}, {end}] is empty")
         if all(s.sources[0].layer_range[0] == s.sources[0].layer_range[1] for s in self.slices):
             raise ValueError("every layer_range is empty: the merge would have no layers")
-        if self.tokenizer_source == "union":
-            raise ValueError("tokenizer_source: union is not supported (use base or a model)")
         return self
 
     def referenced_models(self) -> list[str]:
-        refs = [self.base_model] if self.base_model else []
-        refs += [s.sources[0].model for s in self.slices]
-        if self.tokenizer_source and self.tokenizer_source != "base":
-            refs.append(self.tokenizer_source)
-        return list(dict.fromkeys(refs))
+        return _sliced_models(self.base_model, self.slices, self.tokenizer_source)
 
 
 class BlockExpansionConfig(_MergeConfig):
@@ -234,21 +257,11 @@ class LinearConfig(_MergeConfig):
     merge_method: Literal["linear"]
     slices: Annotated[list[LinearSlice], Field(min_length=1)]
     base_model: str | None = None
-    tokenizer_source: str | None = None
+    tokenizer_source: TokenizerSource = None
     parameters: LinearParameters | None = None
 
-    @model_validator(mode="after")
-    def _no_union_tokenizer(self) -> LinearConfig:
-        if self.tokenizer_source == "union":
-            raise ValueError("tokenizer_source: union is not supported (use base or a model)")
-        return self
-
     def referenced_models(self) -> list[str]:
-        refs = [self.base_model] if self.base_model else []
-        refs += [source.model for s in self.slices for source in s.sources]
-        if self.tokenizer_source and self.tokenizer_source != "base":
-            refs.append(self.tokenizer_source)
-        return list(dict.fromkeys(refs))
+        return _sliced_models(self.base_model, self.slices, self.tokenizer_source)
 
 
 MergeConfig = PassthroughConfig | BlockExpansionConfig | OlmConfig | NerConfig | LinearConfig
