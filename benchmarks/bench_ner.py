@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synth import SMALL, make_synthetic_llama  # noqa: E402
 
 from hubmerge import arch, ner  # noqa: E402
+from hubmerge.devices import check_device  # noqa: E402
 from hubmerge.sources import ModelSource  # noqa: E402
 from hubmerge.tensorfile import TensorInfo, read_array, to_float32  # noqa: E402
 
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"svdvals with {args.reference_threads}"
     )
-    parts = scan(model, ner.check_device(args.device), args.reference_threads)
+    parts = scan(model, check_device(args.device, allow_auto=False), args.reference_threads)
 
     total = Part()
     for part in parts.values():

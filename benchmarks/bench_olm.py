@@ -13,11 +13,21 @@ against what it replaces, in the same process and run so the machine's load hits
   model. Target: <= 5% of a full evaluation (also shown against a candidate evaluation).
 * Generation (`exact` mode: greedy, batched, KV cache): tokens per second from
   `WorkingModel.counters` (tokens up to each row's end of sequence, i.e. useful tokens).
+* Few-shot prompts, as OLM's real datasets have: every sample gets solved samples of its own
+  split as earlier turns until its prompt is `--prompt-ratio` (default 10) times its answer
+  budget (exact's max_new_tokens: longest reference + 4). The same sweep as above in `exact`,
+  `bigram` and `quality` mode (quality generates that same budget): a candidate starts its
+  generation from the per-position prompt cache (hidden states entering layer p, KV cache of
+  layers < p). Target (exact): candidate / full <= 0.5 with the caching amortised over the
+  position's candidates. Scores must be bitwise equal to the full path's.
 * The whole `hubmerge demo` as a user runs it: a subprocess, wall and CPU time.
 
 Fast and full evaluations must agree: at each position the candidate's prefix-cached scores
 are compared with a full evaluation of the same weights (max relative difference; exit code 1
-beyond `AGREEMENT_TOLERANCE`).
+beyond `AGREEMENT_TOLERANCE`, or for the few-shot sweeps when not bitwise equal).
+
+`--device cuda` (with `--dtype bfloat16`) runs every working model there, synchronising before
+each clock reading; the CPU figures are the default.
 
 Two setups: the zoo (tiny trained Qwen2 models, 4 layers, hidden 64; pool = `zoo.FAMILY`) and a
 synthetic Llama pool (`synth.py`, default 12 layers, hidden 512, bf16 on disk, one seed per
@@ -32,6 +42,7 @@ both are printed, with the load average. torch runs `--threads` threads (default
 Run::
 
     /work/venv/bin/python benchmarks/bench_olm.py [--quick] [--repeats 3] [--demo-runs 1]
+        [--device cpu|cuda] [--dtype float32|bfloat16] [--prompt-ratio 10] [--workers 2]
         [--workdir /tmp/hubmerge-bench/olm] [--json /tmp/hubmerge-bench/bench_olm.json]
 """
 
@@ -58,6 +69,8 @@ from synth import make_synthetic_llama  # noqa: E402
 
 #: A teacher-forced candidate evaluation may cost at most this share of a full evaluation.
 TARGET_CANDIDATE_RATIO = 0.6
+#: With few-shot prompts, an exact-mode candidate (per-position caching included) at most this.
+TARGET_FEW_SHOT_EXACT_RATIO = 0.5
 #: A layer swap may cost at most this share of a (full) evaluation.
 TARGET_SWAP_RATIO = 0.05
 #: Largest relative difference allowed between prefix-cached and full scores.
@@ -66,6 +79,18 @@ AGREEMENT_TOLERANCE = 1e-4
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 T = TypeVar("T")
+
+#: Where working models run, and what waits for the device before a clock is read.
+DEVICE = {"device": "cpu", "dtype": "float32"}
+#: The order positions are swept in (OLM's `direction`; the per-position caches depend on it).
+ORDER = {"order": "backward"}
+
+
+def sync() -> None:
+    if DEVICE["device"].startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
 
 
 @dataclass
@@ -78,8 +103,10 @@ class Timing:
 
 def timed(fn: Callable[[], T]) -> tuple[T, Timing]:
     """Call `fn` and return its result with its wall and CPU time."""
+    sync()
     w, c = time.perf_counter(), time.process_time()
     out = fn()
+    sync()
     return out, Timing(time.perf_counter() - w, time.process_time() - c)
 
 
@@ -182,23 +209,75 @@ def task_samples(pool: Sequence[Path], n: int, mode: str) -> dict[str, tuple[str
     return select_samples(config)
 
 
-def working_model(base: Any, samples: dict[str, Any], batch_size: int) -> Any:
-    """A float32 CPU `WorkingModel` with OLM's default limits (as `search` builds it)."""
+def working_model(base: Any, samples: dict[str, Any], batch_size: int, limits: Any = None) -> Any:
+    """A `WorkingModel` on `DEVICE` with OLM's default limits unless given (as `search`
+    builds it)."""
     import torch
 
     from hubmerge.config import OlmLimits
     from hubmerge.methods.olm.evaluate import Limits, WorkingModel
 
-    lim = OlmLimits()
-    limits = Limits(
-        lim.exact.max_new_tokens,
-        lim.quality.max_new_tokens,
-        lim.quality.min_words,
-        lim.quality.target_words,
-    )
+    if limits is None:
+        lim = OlmLimits()
+        limits = Limits(
+            lim.exact.max_new_tokens,
+            lim.quality.max_new_tokens,
+            lim.quality.min_words,
+            lim.quality.target_words,
+        )
     return WorkingModel(
-        base, samples, limits=limits, batch_size=batch_size, device="cpu", dtype=torch.float32
+        base,
+        samples,
+        limits=limits,
+        batch_size=batch_size,
+        device=DEVICE["device"],
+        dtype=getattr(torch, DEVICE["dtype"]),
     )
+
+
+def few_shot(
+    pool: Sequence[Path], samples: int, mode: str, ratio: float
+) -> tuple[dict[str, tuple[str, list[Any]]], int, float]:
+    """Each zoo task's selection samples with solved samples of the same split prepended as
+    earlier turns, until each prompt has `ratio` x its task's answer budget in tokens.
+
+    The budget is exact mode's default max_new_tokens (longest reference + 4), which the
+    benchmark's quality mode generates too. Returns the tasks, the largest budget and the
+    measured mean prompt / budget ratio.
+    """
+    from transformers import AutoTokenizer
+
+    from hubmerge import zoo
+    from hubmerge.datasets import Sample, load_conversations
+    from hubmerge.generation import build_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(pool[0])
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    chosen = task_samples(pool, samples, mode)
+    out: dict[str, tuple[str, list[Any]]] = {}
+    budgets, ratios = [], []
+    for (name, (_, items)), task in zip(chosen.items(), zoo.TASKS, strict=True):
+        shots = [
+            s for s in load_conversations(zoo.dataset_path(task, "selection")) if s not in items
+        ]
+        budget = max(count(s.reference) for s in items) + 4
+        budgets.append(budget)
+        long = []
+        for i, sample in enumerate(items):
+            turns: list[dict[str, str]] = []
+            for j in range(len(shots)):
+                prompt = build_prompts(tokenizer, [Sample((*turns, *sample.messages), "")])[0]
+                if count(prompt) >= ratio * budget:
+                    break
+                shot = shots[(i * 7 + j) % len(shots)]
+                turns += [*shot.messages, {"role": "assistant", "content": shot.reference}]
+            long.append(Sample((*turns, *sample.messages), sample.reference))
+            ratios.append(count(prompt) / budget)
+        out[name] = (mode, long)
+    return out, max(budgets), statistics.fmean(ratios)
 
 
 def max_rel_diff(fast: Sequence[Any], full: Sequence[Any]) -> float:
@@ -215,17 +294,25 @@ def max_rel_diff(fast: Sequence[Any], full: Sequence[Any]) -> float:
 
 
 def measure_setup(
-    name: str, pool: Sequence[Path], *, samples: int, batch_size: int, repeats: int
+    name: str,
+    pool: Sequence[Path],
+    *,
+    samples: int,
+    batch_size: int,
+    repeats: int,
+    prompt_ratio: float,
 ) -> dict[str, Any]:
-    """Teacher-forced sweeps, swaps and agreement, then exact-mode generation, for one pool.
+    """Teacher-forced sweeps, swaps and agreement, exact-mode generation, then the few-shot
+    sweeps in every mode, for one pool.
 
-    Each part builds its own working model (bigram, then exact tasks), one at a time.
+    Each part builds its own working model, one at a time.
     """
     from hubmerge.sources import ModelSource
 
     sources = [ModelSource.open(str(p)) for p in pool]
     result = measure_teacher_forced(name, pool, sources, samples, batch_size, repeats)
     result["generation"] = measure_generation(sources[0], pool, samples, batch_size, repeats)
+    result["few_shot"] = measure_few_shot(pool, sources, samples, batch_size, repeats, prompt_ratio)
     return result
 
 
@@ -237,14 +324,7 @@ def measure_teacher_forced(
     batch_size: int,
     repeats: int,
 ) -> dict[str, Any]:
-    """Sweeps over positions 1..L-1 in bigram mode: cache, swaps, candidate and full scoring.
-
-    A sweep times one full `evaluate()`, then for every position p = 1..L-1: `cache_prefix(p)`,
-    and for each rival (pool member other than the base) a swap of its layer p in and a
-    prefix-cached `evaluate(start=p)`, then a swap restoring the base's layer. In the first
-    sweep the first rival's prefix scores are also checked against a full `evaluate()` of the
-    same weights (those full evaluations are timed samples too).
-    """
+    """`sweep` in bigram mode on the zoo's own (short) prompts, with the model's figures."""
     base, rivals = sources[0], sources[1:]
     depth = base.num_layers
     cfg = base.config
@@ -277,37 +357,72 @@ def measure_teacher_forced(
         flush=True,
     )
 
+    result: dict[str, Any] = {"model": info, **sweep(wm, base, rivals, repeats)}
+    cand_ratio = Timing(**result["ratio_candidate_vs_full"])
+    swap_ratio = Timing(**result["ratio_swap_vs_full"])
+    result["targets"] = {
+        "candidate_vs_full": {
+            "target": TARGET_CANDIDATE_RATIO,
+            "value": cand_ratio.wall,
+            "value_cpu": cand_ratio.cpu,
+            "verdict": verdict(cand_ratio.wall, TARGET_CANDIDATE_RATIO),
+        },
+        "swap_vs_full": {
+            "target": TARGET_SWAP_RATIO,
+            "value": swap_ratio.wall,
+            "value_cpu": swap_ratio.cpu,
+            "verdict": verdict(swap_ratio.wall, TARGET_SWAP_RATIO),
+        },
+    }
+    return result
+
+
+def sweep(wm: Any, base: Any, rivals: Sequence[Any], repeats: int) -> dict[str, Any]:
+    """`repeats` sweeps over positions p in `ORDER` (1..L-1): cache, swaps, candidate and full
+    scoring, summarised.
+
+    A sweep times one full `evaluate()`, then for every position p: `cache_prefix(p)`, and for
+    each rival (pool member other than the base) a swap of its layer p in and a prefix-cached
+    `evaluate(start=p)`, then a swap restoring the base's layer. In the first sweep the first
+    rival's prefix scores are also checked against a full `evaluate()` of the same weights
+    (those full evaluations are timed samples too).
+    """
+    depth = base.num_layers
+    positions = list(range(1, depth))
+    if ORDER["order"] == "backward":
+        positions.reverse()
     # warm-up: first calls pay lazy initialisation
     wm.evaluate()
-    wm.cache_prefix(1)
-    wm.evaluate(start=1)
+    wm.cache_prefix(positions[0])
+    wm.evaluate(start=positions[0])
 
     full: list[Timing] = []
-    cache: dict[int, list[Timing]] = {p: [] for p in range(1, depth)}
-    prefix: dict[int, list[Timing]] = {p: [] for p in range(1, depth)}
+    cache: dict[int, list[Timing]] = {p: [] for p in positions}
+    prefix: dict[int, list[Timing]] = {p: [] for p in positions}
     swaps: list[Timing] = []
     agreement: dict[int, float] = {}
-    for sweep in range(repeats):
+    bitwise = True
+    for round_ in range(repeats):
         began = time.perf_counter()
         _, t = timed(wm.evaluate)
         full.append(t)
-        for p in range(1, depth):
+        for p in positions:
             cache[p].append(timed(lambda p=p: wm.cache_prefix(p))[1])
             for k, rival in enumerate(rivals):
                 swaps.append(timed(lambda p=p, r=rival: wm.load_layer(p, r, p))[1])
                 fast, t = timed(lambda p=p: wm.evaluate(start=p))
                 prefix[p].append(t)
-                if sweep == 0 and k == 0:
+                if round_ == 0 and k == 0:
                     slow, t = timed(wm.evaluate)
                     full.append(t)
                     agreement[p] = max_rel_diff(fast, slow)
+                    bitwise = bitwise and fast == slow
             swaps.append(timed(lambda p=p: wm.load_layer(p, base, p))[1])
-        print(f"  sweep {sweep + 1}/{repeats}: {time.perf_counter() - began:.1f} s", flush=True)
-    tf_counters = dict(vars(wm.counters))
+        print(f"  sweep {round_ + 1}/{repeats}: {time.perf_counter() - began:.1f} s", flush=True)
 
     full_m = med(full)
     per_position = []
-    for p in range(1, depth):
+    for p in sorted(positions):
         c, f = med(cache[p]), med(prefix[p])
         per_position.append(
             {
@@ -331,39 +446,59 @@ def measure_teacher_forced(
         ]
     )
     swap_m = med(swaps)
-    cand_ratio = ratio(candidate, full_m)
-    swap_ratio = ratio(swap_m, full_m)
-    result: dict[str, Any] = {
-        "model": info,
+    return {
+        "order": ORDER["order"],
         "full_evaluation": {"median": vars(full_m), "samples": [vars(t) for t in full]},
         "candidate_evaluation_mean": vars(candidate),
         "cache_prefix_mean": vars(cache_mean),
         "candidates_per_position": per_cand,
         "candidate_with_amortised_cache_mean": vars(amortised),
-        "ratio_candidate_vs_full": vars(cand_ratio),
+        "ratio_candidate_vs_full": vars(ratio(candidate, full_m)),
         "ratio_candidate_with_cache_vs_full": vars(ratio(amortised, full_m)),
         "swap": {"median": vars(swap_m), "count": len(swaps)},
-        "ratio_swap_vs_full": vars(swap_ratio),
+        "ratio_swap_vs_full": vars(ratio(swap_m, full_m)),
         "ratio_swap_vs_candidate": vars(ratio(swap_m, candidate)),
         "per_position": per_position,
         "agreement_max_rel_diff": max(agreement.values()) if agreement else None,
-        "counters_teacher_forced": tf_counters,
-        "targets": {
-            "candidate_vs_full": {
-                "target": TARGET_CANDIDATE_RATIO,
-                "value": cand_ratio.wall,
-                "value_cpu": cand_ratio.cpu,
-                "verdict": verdict(cand_ratio.wall, TARGET_CANDIDATE_RATIO),
-            },
-            "swap_vs_full": {
-                "target": TARGET_SWAP_RATIO,
-                "value": swap_ratio.wall,
-                "value_cpu": swap_ratio.cpu,
-                "verdict": verdict(swap_ratio.wall, TARGET_SWAP_RATIO),
-            },
-        },
+        "bitwise_equal": bitwise,
+        "counters": dict(vars(wm.counters)),
     }
-    return result
+
+
+def measure_few_shot(
+    pool: Sequence[Path],
+    sources: Sequence[Any],
+    samples: int,
+    batch_size: int,
+    repeats: int,
+    prompt_ratio: float,
+) -> dict[str, Any]:
+    """The sweep with few-shot prompts in each mode; exact carries the target."""
+    from hubmerge.methods.olm.evaluate import Limits
+
+    out: dict[str, Any] = {}
+    for mode in ("exact", "bigram", "quality"):
+        data, budget, measured = few_shot(pool, samples, mode, prompt_ratio)
+        wm = working_model(
+            sources[0], data, batch_size, Limits(None, budget, min_words=1, target_words=16)
+        )
+        forced = [b for task in wm.tasks for b in task.forced_batches + task.prompt_batches]
+        print(
+            f"  few-shot {mode}: prompt / answer budget {measured:.1f}x, "
+            f"{sum(int(b.attention_mask.sum()) for b in forced)} prompt(+answer) tokens",
+            flush=True,
+        )
+        out[mode] = {"prompt_ratio": measured, "answer_budget": budget}
+        out[mode] |= sweep(wm, sources[0], sources[1:], repeats)
+        del wm
+    value = Timing(**out["exact"]["ratio_candidate_with_cache_vs_full"])
+    out["target"] = {
+        "target": TARGET_FEW_SHOT_EXACT_RATIO,
+        "value": value.wall,
+        "value_cpu": value.cpu,
+        "verdict": verdict(value.wall, TARGET_FEW_SHOT_EXACT_RATIO),
+    }
+    return out
 
 
 def measure_generation(
@@ -394,6 +529,57 @@ def measure_generation(
             {"tokens": n, "seconds": s, "rate": r}
             for n, s, r in zip(tokens, seconds, rates, strict=True)
         ],
+    }
+
+
+def measure_workers(pool: Sequence[Path], samples: int, workers: int) -> dict[str, Any]:
+    """One OLM search (exact and bigram data, starting model given) in this process, then with
+    `workers` CPU worker processes: wall time of the positions (from the report) and of the
+    whole search (worker start-up included), and whether the reports agree."""
+    from hubmerge import zoo
+    from hubmerge.config import OlmConfig, parse_config
+    from hubmerge.methods.olm.search import search
+    from hubmerge.sources import ModelSource
+
+    sources = {str(p): ModelSource.open(str(p)) for p in pool}
+    runs: dict[int, Any] = {}
+    for n in (1, workers):
+        config = parse_config(
+            {
+                "merge_method": "olm",
+                "models": [str(p) for p in pool],
+                "base_model": str(pool[0]),
+                "dataset": {
+                    str(zoo.dataset_path("add", "selection")): {"mode": "exact"},
+                    str(zoo.dataset_path("reverse", "selection")): {"mode": "bigram"},
+                },
+                "samples": samples,
+                "batch_size": samples,
+                "workers": n,
+            },
+            "bench_olm",
+        )
+        assert isinstance(config, OlmConfig)
+        result, t = timed(lambda c=config: search(c, sources, device=DEVICE["device"], state=None))
+        report = result.report
+        runs[n] = {
+            "search": vars(t),
+            "positions_wall_s": sum(layer["seconds"] for layer in report["layers"]),
+            "decisions": [layer["best_model"] for layer in report["layers"]],
+            "scores": [layer["scores"] for layer in report["layers"]],
+        }
+        print(
+            f"  {n} worker(s): search {t.wall:.1f} s wall, positions "
+            f"{runs[n]['positions_wall_s']:.1f} s",
+            flush=True,
+        )
+    one, many = runs[1], runs[workers]
+    return {
+        "workers": workers,
+        "runs": {str(n): {k: v for k, v in r.items() if k != "scores"} for n, r in runs.items()},
+        "speedup_positions": one["positions_wall_s"] / many["positions_wall_s"],
+        "speedup_search": one["search"]["wall"] / many["search"]["wall"],
+        "same_report": one["decisions"] == many["decisions"] and one["scores"] == many["scores"],
     }
 
 
@@ -536,6 +722,28 @@ def print_tables(setups: dict[str, dict[str, Any]], demo: dict[str, Any] | None)
                 f"  {name:<12} {label:<28} {t['value']:8.4f} ({t['value_cpu']:.4f})  {t['verdict']}"
             )
 
+    print(
+        "\nfew-shot prompts (prompt tokens / answer budget shown); candidates start from the "
+        "per-position caches; wall / CPU"
+    )
+    for name, s in setups.items():
+        fs = s["few_shot"]
+        for mode in ("exact", "bigram", "quality"):
+            m = fs[mode]
+            print(
+                f"  {name:<10} {mode:<8} prompt {m['prompt_ratio']:4.1f}x  full "
+                f"{wc(m['full_evaluation']['median'])}  candidate/full "
+                f"{wc(m['ratio_candidate_vs_full'], '.3f')}  with cache "
+                f"{wc(m['ratio_candidate_with_cache_vs_full'], '.3f')}  cache/position "
+                f"{wc(m['cache_prefix_mean'])}  bitwise equal {m['bitwise_equal']}"
+            )
+        t = fs["target"]
+        print(
+            f"  {name:<10} exact: (candidate + cache/cands) / full <= "
+            f"{TARGET_FEW_SHOT_EXACT_RATIO}: {t['value']:.4f} ({t['value_cpu']:.4f})  "
+            f"{t['verdict']}"
+        )
+
     for name, s in setups.items():
         print(f"\n[{name}] per position: cache_prefix, candidate evaluation, candidate/full (wall)")
         for r in s["per_position"]:
@@ -580,6 +788,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--synth-kv-heads", type=int, default=4)
     ap.add_argument("--synth-pool", type=int, default=3, help="synthetic pool size (seeds)")
     ap.add_argument("--setups", default="zoo,synthetic", help="comma list of zoo, synthetic")
+    ap.add_argument(
+        "--prompt-ratio", type=float, default=10.0, help="few-shot prompt / answer budget"
+    )
+    ap.add_argument(
+        "--order", choices=["forward", "backward"], default="backward", help="sweep order"
+    )
+    ap.add_argument("--device", default="cpu", help="where working models run (cpu, cuda)")
+    ap.add_argument(
+        "--workers", type=int, default=2, help="CPU workers to compare with one process (0: skip)"
+    )
+    ap.add_argument("--dtype", default="float32", help="working model dtype (float32, bfloat16)")
     ap.add_argument("--demo-runs", type=int, default=None, help="default 1 (0 with --quick)")
     ap.add_argument(
         "--demo-omp-threads",
@@ -618,6 +837,8 @@ def main(argv: list[str] | None = None) -> int:
     from hubmerge import zoo
 
     torch.set_num_threads(args.threads)
+    DEVICE.update(device=args.device, dtype=args.dtype)
+    ORDER["order"] = args.order
     transformers.logging.set_verbosity_error()
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -632,7 +853,14 @@ def main(argv: list[str] | None = None) -> int:
     setups: dict[str, dict[str, Any]] = {}
     if "zoo" in wanted:
         pool = [zoo.model_path(m) for m in zoo.FAMILY]
-        setups["zoo"] = measure_setup("zoo", pool, samples=zoo_n, batch_size=zoo_n, repeats=repeats)
+        setups["zoo"] = measure_setup(
+            "zoo",
+            pool,
+            samples=zoo_n,
+            batch_size=zoo_n,
+            repeats=repeats,
+            prompt_ratio=args.prompt_ratio,
+        )
     if "synthetic" in wanted:
         t0 = time.perf_counter()
         pool = synthetic_pool(
@@ -646,7 +874,32 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"\nsynthetic pool ready in {time.perf_counter() - t0:.1f} s: {work}")
         setups["synthetic"] = measure_setup(
-            "synthetic", pool, samples=synth_n, batch_size=synth_n, repeats=repeats
+            "synthetic",
+            pool,
+            samples=synth_n,
+            batch_size=synth_n,
+            repeats=repeats,
+            prompt_ratio=args.prompt_ratio,
+        )
+
+    parallel = None
+    if args.workers > 1:
+        print(f"\nworkers: one process vs {args.workers} CPU workers (synthetic pool)", flush=True)
+        pool = synthetic_pool(
+            work,
+            args.synth_pool,
+            layers=args.synth_layers,
+            hidden=args.synth_hidden,
+            intermediate=args.synth_intermediate,
+            heads=args.synth_heads,
+            kv=args.synth_kv_heads,
+        )
+        parallel = measure_workers(pool, synth_n, args.workers)
+        print(
+            f"  speed-up with {args.workers} workers: positions "
+            f"{parallel['speedup_positions']:.2f}x, whole search (start-up included) "
+            f"{parallel['speedup_search']:.2f}x; same decisions and scores: "
+            f"{parallel['same_report']} ({os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f})"
         )
 
     demo = None
@@ -680,6 +933,7 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "repeats": repeats,
         "setups": setups,
+        "workers": parallel,
         "demo": demo,
         "benchmark_wall_s": total,
     }
@@ -690,9 +944,13 @@ def main(argv: list[str] | None = None) -> int:
     bad = [
         name
         for name, s in setups.items()
-        if s["agreement_max_rel_diff"] is None or s["agreement_max_rel_diff"] > AGREEMENT_TOLERANCE
+        if s["agreement_max_rel_diff"] is None
+        or s["agreement_max_rel_diff"] > AGREEMENT_TOLERANCE
+        or not all(s["few_shot"][m]["bitwise_equal"] for m in ("exact", "bigram", "quality"))
     ]
     failed_demo = demo is not None and any(r["rc"] != 0 for r in demo["runs"])
+    if parallel is not None and not parallel["same_report"]:
+        bad.append("workers")
     if bad or failed_demo:
         print(f"PROBLEMS: fast/full scores disagree in {bad}; demo failed: {failed_demo}")
         return 1

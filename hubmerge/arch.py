@@ -12,7 +12,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from hubmerge.errors import SourceError
+from hubmerge.errors import SourceError, quoted
+from hubmerge.limits import MAX_LAYERS
 
 #: `config.json` `architectures` entries hubmerge knows the layout of.
 SUPPORTED: frozenset[str] = frozenset(
@@ -29,7 +30,8 @@ SUPPORTED: frozenset[str] = frozenset(
 
 LAYER_PREFIX = "model.layers."
 EMBED_PREFIX = "model.embed_tokens."
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+#: A layer number as transformers writes it: no leading zeros (`00` would shadow `0`).
+_LAYER_RE = re.compile(r"^model\.layers\.(0|[1-9][0-9]{0,8})\.(.+)$")
 
 #: Fields that must match for layers of two models to be stacked.
 SHAPE_FIELDS = (
@@ -42,22 +44,46 @@ SHAPE_FIELDS = (
 )
 
 
+def check_config(config: dict[str, Any], where: str) -> None:
+    """Refuse a `config.json` whose values hubmerge relies on are not what they must be.
+
+    The architecture must be supported, `num_hidden_layers` a plain integer within
+    `MAX_LAYERS` (a billion layers would be planned and allocated for), and the shape fields
+    positive integers, so comparing and reporting them is safe.
+    """
+    architecture(config, where)
+    num_layers(config, where)
+    for key in SHAPE_FIELDS:
+        value = config.get(key)
+        if value is not None and not (type(value) is int and value > 0):
+            raise SourceError(f"{where}: config.json: {key} must be a positive integer")
+    types = config.get("layer_types")
+    if types is not None and not (
+        isinstance(types, list) and all(isinstance(t, str) for t in types)
+    ):
+        raise SourceError(f"{where}: config.json: layer_types must be a list of strings")
+
+
 def architecture(config: dict[str, Any], where: str) -> str:
     """The model's architecture name, or a `SourceError` naming `where` if unsupported."""
     archs = config.get("architectures") or []
-    if len(archs) != 1 or archs[0] not in SUPPORTED:
+    known = isinstance(archs, list) and len(archs) == 1 and isinstance(archs[0], str)
+    if not known or archs[0] not in SUPPORTED:
+        shown = archs if isinstance(archs, list) else "a non-list"
         raise SourceError(
-            f"{where}: unsupported architecture {archs or config.get('model_type')!r} "
+            f"{where}: unsupported architecture {quoted(shown or config.get('model_type'))} "
             f"(supported: {', '.join(sorted(SUPPORTED))})"
         )
-    return archs[0]
+    return str(archs[0])
 
 
 def num_layers(config: dict[str, Any], where: str) -> int:
-    try:
-        return int(config["num_hidden_layers"])
-    except (KeyError, TypeError, ValueError):
-        raise SourceError(f"{where}: config.json has no valid num_hidden_layers") from None
+    value = config.get("num_hidden_layers")
+    if type(value) is not int or not 1 <= value <= MAX_LAYERS:
+        raise SourceError(
+            f"{where}: config.json: num_hidden_layers must be an integer from 1 to {MAX_LAYERS:,}"
+        )
+    return value
 
 
 def split_layer_name(name: str) -> tuple[int, str] | None:

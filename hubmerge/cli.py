@@ -14,6 +14,7 @@ from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -30,8 +31,9 @@ app = typer.Typer(
 )
 zoo_app = typer.Typer(help="The tiny trained models shipped with hubmerge.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
-console = Console(stderr=True)
-out = Console()
+# No emoji codes: messages quote names and devices (`cuda:x:` is not an emoji).
+console = Console(stderr=True, emoji=False)
+out = Console(emoji=False)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -53,21 +55,138 @@ def _friendly(func: F) -> F:
             # Escaped: messages quote user text and pip extras (`hubmerge[eval]`), not markup.
             console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except (typer.Exit, typer.Abort, click.ClickException):
+            raise
+        except Exception as e:
+            # The last resort: every input is meant to fail as a HubmergeError above, so this is
+            # a bug; still one line (its text could quote a file), the traceback on request.
+            if os.environ.get("HUBMERGE_DEBUG") == "1":
+                raise
+            console.print(
+                f"[bold red]error:[/] unexpected {type(e).__name__} (a bug in hubmerge: please "
+                "report it; HUBMERGE_DEBUG=1 shows the traceback)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
 
 
-def print_plan(plan: Any) -> None:
+def _interruptible(kept: Callable[..., str]) -> Callable[[F], F]:
+    """Ctrl-C ends the command with one line, what was kept and how to resume, and exit 130.
+
+    `kept` gets the command's parameters and says what an interrupted run leaves behind.
+    """
+
+    def decorate(func: F) -> F:
+        @wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return func(*args, **kwargs)
+            except KeyboardInterrupt:
+                _log(f"interrupted: {kept(**kwargs)}")
+                raise typer.Exit(130) from None
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def _olm_kept(out_dir: Path) -> str | None:
+    """What an interrupted OLM search leaves: its finished positions, resumed by a re-run."""
+    from hubmerge.merge import work_dir
+    from hubmerge.methods.olm.report import REPORT_FILE
+
+    if (work_dir(out_dir) / REPORT_FILE).is_file():
+        return (
+            f"the OLM search so far is kept in {work_dir(out_dir)}; run the same command again "
+            "to resume it"
+        )
+    return None
+
+
+def _merge_kept(out_dir: Path, **_: Any) -> str:
+    return _olm_kept(out_dir) or (
+        f"nothing was written ({out_dir} is as it was); run the same command again to start over"
+    )
+
+
+def _run_kept(out_dir: Path, **_: Any) -> str:
+    from hubmerge.run import finished_stages
+
+    done = finished_stages(out_dir)
+    if done:
+        return (
+            f"the finished stages ({', '.join(done)}) are kept in {out_dir}; run the same "
+            "command again to resume after them"
+        )
+    return _merge_kept(out_dir)
+
+
+def _demo_kept(out_dir: Path, **_: Any) -> str:
+    if Path(out_dir).is_dir():
+        return (
+            f"the merged model is kept in {out_dir}; `hubmerge demo {out_dir} --force` "
+            "merges and compares again"
+        )
+    return _merge_kept(out_dir)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from hubmerge import __version__
+
+        typer.echo(f"hubmerge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Compose language models from other models' layers and publish them to the Hub."""
+
+
+def print_plan(plan: Any, *, verbose: bool = False) -> None:
+    """The layer map as a table: models by the names the card uses (Hub id, or local folder
+    name), runs of layers taken in order from one model as one row; `verbose`: every layer,
+    and models as the config names them (full paths).
+    """
+    from hubmerge.plan import compact_rows
+    from hubmerge.sources import public_name
+
     table = Table(title=f"merge plan ({plan.method}, {len(plan.layers)} layers)")
     for column in ("output", "source model", "source layer", "scales"):
         table.add_column(column)
-    for row in plan.rows():
-        table.add_row(*row)
+    rows = plan.rows() if verbose else compact_rows(plan.renamed(public_name).rows())
+    for row in rows:
+        table.add_row(*(escape(cell) for cell in row))
     out.print(table)
+
+
+def print_parameters(config: Any) -> None:
+    """A mergekit method's parameters, per model or slice: what decides its blended tensors."""
+    from hubmerge.methods.mergekit_run import parameter_tables
+
+    out.print(f"merge: {config.merge_method} (computed by mergekit)")
+    for spec in parameter_tables(config.mergekit_data()):
+        table = Table(title=spec["title"])
+        for column in spec["columns"]:
+            table.add_column(column)
+        for row in spec["rows"]:
+            table.add_row(*(escape(cell) for cell in row))
+        out.print(table)
 
 
 @app.command()
 @_friendly
+@_interruptible(_merge_kept)
 def merge(
     config: Annotated[
         Path, typer.Argument(help="Merge config (YAML; mergekit passthrough works).")
@@ -83,6 +202,9 @@ def merge(
     ] = False,
     restart: Annotated[bool, typer.Option(help="Discard a saved unfinished OLM run.")] = False,
     card: Annotated[bool, typer.Option(help="Write README.md, the model card.")] = True,
+    verbose: Annotated[
+        bool, typer.Option(help="Plan table: every layer, models by their full paths.")
+    ] = False,
 ) -> None:
     """Build a model from other models' layers, as CONFIG describes, into OUT_DIR."""
     from hubmerge.merge import RECIPE_FILE
@@ -105,7 +227,12 @@ def merge(
             reporter=display,
             card=card,
         )
-    print_plan(result.plan)
+    from hubmerge.config import MergekitConfig
+
+    if isinstance(result.config, MergekitConfig):
+        print_parameters(result.config)
+    else:
+        print_plan(result.plan, verbose=verbose)
     if result.out_dir is not None:
         out.print(f"wrote {result.out_dir} (recipe: {RECIPE_FILE})")
 
@@ -138,6 +265,14 @@ def card_command(
             "results/*.json; repeatable.",
         ),
     ] = None,
+    repo_id: Annotated[
+        str | None,
+        typer.Option(
+            "--repo-id",
+            help="The Hub repo the card is for: its title and usage snippet name it "
+            "(default: the config's hub.repo_id, else the folder's name).",
+        ),
+    ] = None,
 ) -> None:
     """Render MODEL_DIR's model card (README.md) with its lineage, recipe, layer map and results.
 
@@ -146,22 +281,31 @@ def card_command(
     from hubmerge.card import check_card, write_card
 
     if all_dirs:
-        if model_dir or results or output:
+        if model_dir or results or output or repo_id:
             raise CardError(
-                "--all renders each folder from its own files: no MODEL_DIR, --results or -o"
+                "--all renders each folder from its own files: no MODEL_DIR, --results, -o "
+                "or --repo-id"
             )
         raise typer.Exit(_card_all(all_dirs, check=check, template=template))
     if model_dir is None:
         raise CardError("give MODEL_DIR, or --all DIR for every model folder in DIR")
     if check:
-        diff = check_card(model_dir, results=results or (), template=template, output=output)
+        diff = check_card(
+            model_dir, results=results or (), template=template, output=output, repo_id=repo_id
+        )
         if diff is not None:
             out.print(diff, highlight=False, markup=False, soft_wrap=True)
             console.print("the card is stale: run `hubmerge card` without --check to update it")
             raise typer.Exit(1)
         out.print("the card is up to date")
         return
-    path = write_card(model_dir, results=results or (), template=template, output=output)
+    if repo_id:
+        from hubmerge.hub import check_repo_id
+
+        check_repo_id(repo_id)
+    path = write_card(
+        model_dir, results=results or (), template=template, output=output, repo_id=repo_id
+    )
     out.print(f"wrote {path}")
 
 
@@ -203,8 +347,22 @@ def eval_command(
     limit: Annotated[
         int | None, typer.Option(help="At most N documents per task (a quick check).")
     ] = None,
-    batch_size: Annotated[str, typer.Option(help="Batch size, or auto.")] = "8",
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps ...")] = "cpu",
+    backend: Annotated[
+        str, typer.Option(help="lm-eval model type: hf (transformers) or vllm (NVIDIA GPUs).")
+    ] = "hf",
+    model_args: Annotated[
+        str,
+        typer.Option(
+            help="More lm-eval model arguments, by lm-eval's names: key=value,... "
+            "(e.g. dtype=bfloat16, or tensor_parallel_size=2 with vllm)."
+        ),
+    ] = "",
+    batch_size: Annotated[
+        str | None, typer.Option(help="Batch size, or auto (default: 8 with hf, auto with vllm).")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda, cuda:1, mps ... (default: cpu with hf).")
+    ] = None,
     include_path: Annotated[
         list[Path] | None, typer.Option(help="Folder of extra lm-eval task YAMLs (repeatable).")
     ] = None,
@@ -216,20 +374,56 @@ def eval_command(
         ),
     ] = None,
 ) -> None:
-    """Run lm-evaluation-harness on MODEL_DIR and write lm-eval's results JSON for the card."""
+    """Run lm-evaluation-harness on MODEL_DIR, write lm-eval's results JSON and show the scores."""
+    from hubmerge.card.results import load_results
     from hubmerge.evals import resolve_tasks, run_eval
 
-    path = run_eval(
-        model_dir,
-        resolve_tasks(tasks or (), preset),
-        output=output,
-        limit=limit,
-        batch_size=int(batch_size) if batch_size.isdigit() else batch_size,
-        device=device,
-        include_path=include_path or (),
-        apply_chat_template=chat_template,
-    )
-    out.print(f"wrote {path}")
+    with Display(console) as display:
+        path = run_eval(
+            model_dir,
+            resolve_tasks(tasks or (), preset),
+            output=output,
+            limit=limit,
+            batch_size=int(batch_size) if batch_size and batch_size.isdigit() else batch_size,
+            device=device,
+            include_path=include_path or (),
+            apply_chat_template=chat_template,
+            backend=backend,
+            model_args=model_args,
+            progress=display.counter,
+        )
+    print_scores(load_results([path]))
+    out.print(f"wrote {path}", highlight=False, markup=False, soft_wrap=True)
+
+
+def print_scores(evaluation: Any) -> None:
+    """The rows the card's evaluation section will show: the leaderboard's, then other tasks."""
+    if evaluation.leaderboard:
+        table = Table("Metric", "Value", title="Open LLM Leaderboard v2 (normalised)")
+        table.columns[1].justify = "right"
+        if evaluation.average is not None:
+            table.add_row("Avg.", f"{evaluation.average:.2f}")
+        for label, score in evaluation.leaderboard:
+            table.add_row(escape(label), f"{score:.2f}")
+        out.print(table)
+    if evaluation.tasks:
+        table = Table("Task", "Filter", "n-shot", "Metric", "Value", "Stderr")
+        for column in table.columns[2:3] + table.columns[4:]:
+            column.justify = "right"
+        for row in evaluation.tasks:
+            shots = "-" if row.shots is None else str(row.shots)
+            stderr = "-" if row.stderr is None else f"{row.stderr:.4f}"
+            cells = (row.task, row.filter, shots, row.metric, f"{row.value:.4f}", stderr)
+            table.add_row(*(escape(cell) for cell in cells))
+        out.print(table)
+    for run in evaluation.runs:
+        if run.limit:
+            out.print(
+                f"limited to {run.limit:g} documents per task: a quick check, not comparable "
+                "with full runs (the card shows it, its model-index leaves it out)",
+                highlight=False,
+                markup=False,
+            )
 
 
 RepoId = Annotated[
@@ -299,6 +493,7 @@ def publish(
 
 @app.command("run")
 @_friendly
+@_interruptible(_run_kept)
 def run_command(
     config: Annotated[
         Path, typer.Argument(help="Merge config (YAML), with optional hub: and card:.")
@@ -338,6 +533,7 @@ def run_command(
             device=device,
             progress=display,
             reporter=display,
+            eval_progress=display.counter,
             log=_log,
         )
     out.print(f"published {result.url}" if result.url else f"wrote {result.out_dir}")
@@ -381,6 +577,7 @@ def print_published(result: Any) -> None:
 
 @app.command()
 @_friendly
+@_interruptible(_demo_kept)
 def demo(
     out_dir: Annotated[Path, typer.Argument(help="Where the merged model goes.")] = Path(
         "demo-out"
@@ -388,20 +585,23 @@ def demo(
     force: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists.")] = False,
 ) -> None:
     """Merge the shipped zoo with OLM (offline, CPU) and compare every model on held-out data."""
-    from hubmerge.demo import run_demo
+    from hubmerge.demo import MERGED, composite, run_demo
 
     with Display(console) as display:
         result = run_demo(out_dir, force=force, reporter=display)
     print_plan(result.merge.plan)
-    table = Table(title="held-out exact-match accuracy")
+    table = Table(title="held-out exact-match accuracy (samples no choice was made on)")
     tasks = list(next(iter(result.accuracy.values())))
     for column in ("model", *tasks, "composite"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for label, scores in result.accuracy.items():
-        composite = sum(scores.values()) / len(scores)
-        cells = [f"{scores[t]:.3f}" for t in tasks] + [f"{composite:.3f}"]
-        table.add_row(label, *cells, style="bold" if label == "merged" else None)
+        cells = [f"{scores[t]:.3f}" for t in tasks] + [f"{composite(scores):.3f}"]
+        table.add_row(label, *cells, style="bold" if label == MERGED else None)
     out.print(table)
+    out.print(
+        f"OLM merge vs the best donor ({result.best_donor}): "
+        f"{100 * result.margin:+.1f} points composite"
+    )
     out.print(
         f"wrote {result.merge.out_dir}: weights, {len(result.merge.plan.layers)} layers chosen by "
         "OLM (merge_report.json), recipe (mergekit_config.yml) and card (README.md)"

@@ -62,5 +62,19 @@ class Display:
 
         return step
 
+    # Evaluation's protocol (`hubmerge.evals.Counter`): lm-eval learns its work batch by batch.
+    def counter(self, description: str) -> Callable[[int, int], None]:
+        """A bar whose total grows as work is found: `count(found, done)` adds to both."""
+        task = self._progress.add_task(description, total=None, detail="")
+        totals = [0, 0]
+
+        def count(found: int, done: int) -> None:
+            totals[0] += found
+            totals[1] += done
+            detail = f"{totals[1]:,}/{totals[0]:,} requests"
+            self._progress.update(task, total=totals[0], completed=totals[1], detail=detail)
+
+        return count
+
     def log(self, message: str) -> None:
         self._progress.console.print(message, highlight=False, soft_wrap=True)

@@ -8,7 +8,7 @@ are imported here only, never on the merge path, so merging does not pay for the
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -57,6 +57,7 @@ def greedy_decode(
     attention_mask: torch.Tensor,
     max_new_tokens: int,
     stop_ids: Sequence[int],
+    prefill: Callable[[], Any] | None = None,
 ) -> list[list[int]]:
     """Greedily continue a left-padded batch; per row, the new tokens before its first stop id.
 
@@ -64,19 +65,28 @@ def greedy_decode(
     batch, stopping as soon as every row has finished. `model.generate` does the same with far
     more per-step bookkeeping, which dominates on small models. Position ids count real tokens
     only, so a left-padded row computes exactly what it would alone.
+
+    `prefill`, when given, replaces the first pass over the prompt: it must return what that
+    pass returns (logits of the last position and a filled `cache`). OLM uses it to start
+    every candidate from the layers it shares with the others.
     """
-    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=input_ids.device)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    if prefill is None:
+
+        def prefill() -> Any:
+            return model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=input_ids.device)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     steps: list[torch.Tensor] = []
     with torch.inference_mode():
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        out = prefill()
         for _ in range(max_new_tokens):
             token = out.logits[:, -1].argmax(-1)
             steps.append(token)
@@ -87,11 +97,13 @@ def greedy_decode(
                 [attention_mask, attention_mask.new_ones((len(token), 1))], 1
             )
             positions = positions[:, -1:] + 1
+            # transformers' cache API: the `Cache` object goes in as `cache` (the old
+            # `past_key_values` argument is deprecated and removed in transformers 5.40).
             out = model(
                 input_ids=token[:, None],
                 attention_mask=attention_mask,
                 position_ids=positions,
-                past_key_values=out.past_key_values,
+                cache=out.cache,
                 use_cache=True,
             )
     rows = torch.stack(steps, 1).tolist() if steps else [[] for _ in range(len(input_ids))]

@@ -4,8 +4,10 @@ Publishing is `create_repo(exist_ok=True)` (plus `create_branch` for `revision`)
 `upload_folder` of everything in the folder: weights, config, tokenizer, card, recipe, reports
 and images; weight files the folder no longer has are deleted in the same commit. With
 `card_only`, only the card and its images go, to a repo that must exist (CI updates the card of
-a model published earlier, from a git checkout without weights). Each Hub call is retried with
-bounded backoff on transient failures (5xx, 429, connection errors), and running an upload again
+a model published earlier, from a git checkout without weights). The card that goes is the
+one for the repo it goes to (`card_for_repo`). Each Hub request is retried on transient
+failures (5xx, 429, connection errors), once, with huggingface_hub's policy (`RetryPolicy`:
+up to 6 tries, waiting 1, 2, 4, 8, 8 s), each retry one line; and running an upload again
 is safe: the Hub skips files it already holds, so a retry, or running the command again, resumes
 instead of starting over; when it holds them all, no commit is made and the result says so.
 
@@ -18,7 +20,10 @@ may quote request details.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +33,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import yaml
-from huggingface_hub import HfApi, constants, get_token
+from huggingface_hub import HfApi, ModelCard, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RevisionNotFoundError
 from huggingface_hub.repocard import metadata_load
 from huggingface_hub.utils import (
@@ -41,8 +46,9 @@ from huggingface_hub.utils import (
 from hubmerge import __version__
 from hubmerge.card import CARD_FILE, CARD_FILES
 from hubmerge.card.donors import load_donors
+from hubmerge.card.results import is_results, shareable_results
 from hubmerge.config import HubSettings, load_config
-from hubmerge.errors import CardError, HubError
+from hubmerge.errors import CardError, HubError, TokenError
 from hubmerge.merge import CONFIG_FILE
 
 T = TypeVar("T")
@@ -56,6 +62,8 @@ STALE_WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.bin", "
 WEIGHT_PATTERNS = ["*.safetensors", "*.bin"]
 #: Files that may name local donors by path, rewritten by `shareable_copy`.
 _TEXT_SUFFIXES = frozenset({".json", ".yml", ".yaml", ".md"})
+#: Text files whose strings are tokens, never paths: left exactly as they are.
+_VOCABULARY_FILES = frozenset({"tokenizer.json", "vocab.json"})
 #: How huggingface_hub spells "on" in environment variables.
 _TRUE = frozenset({"1", "ON", "YES", "TRUE"})
 #: HTTP statuses worth another try: the Hub or a proxy is briefly unwell, or rate-limits.
@@ -67,11 +75,16 @@ _TRANSPORT_ERRORS = frozenset({"TransportError", "ConnectionError", "Timeout", "
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How often a transient Hub failure is retried: `tries` in all, waits doubling."""
+    """How often a transient Hub failure is retried: `tries` in all, waits doubling.
 
-    tries: int = 4
-    delay: float = 2.0
-    max_delay: float = 30.0
+    The default is huggingface_hub's own (`http_backoff`: 5 retries, waiting 1, 2, 4, 8 and
+    8 s), which the client applies itself to the upload's preupload requests: those are not
+    retried again here (see `_HubCaller`), so every request has one retry layer, one policy.
+    """
+
+    tries: int = 6
+    delay: float = 1.0
+    max_delay: float = 8.0
 
 
 #: The policy `publish` uses when given none (tests swap in one without waits).
@@ -132,8 +145,14 @@ def publish(
     if create_pr and revision:
         raise HubError("--revision and --create-pr exclude each other (a PR targets main)")
     files = upload_files(model_dir, card_only=card_only)
-    frontmatter = read_frontmatter(model_dir)
-    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    card = card_for_repo(model_dir, repo_id)
+    if card is None:
+        frontmatter = read_frontmatter(model_dir)
+    else:  # the card that will reach the Hub, rendered for this repo
+        frontmatter = _frontmatter(card, model_dir / CARD_FILE)
+        size = len(card.encode("utf-8"))
+        files = tuple(UploadFile(f.path, size) if f.path == CARD_FILE else f for f in files)
+    endpoint = _endpoint(endpoint)
     url = f"{endpoint}/{repo_id}" + (f"/tree/{quote(revision, safe='')}" if revision else "")
     result = PublishResult(repo_id, url, files, frontmatter, private, dry_run, card_only=card_only)
     if dry_run:
@@ -141,9 +160,7 @@ def publish(
 
     check_online()
     token = resolve_token(token, oidc_repo=repo_id if oidc else None)
-    api = HfApi(
-        endpoint=endpoint, token=token, library_name="hubmerge", library_version=__version__
-    )
+    api = _api(endpoint, token)
     call = _HubCaller(repo_id, token, retry or RETRY, log)
     if not card_only:  # a card alone must not create a repo that looks like a model
         call(lambda: api.create_repo(repo_id, private=private, exist_ok=True))
@@ -153,7 +170,8 @@ def publish(
     # the head commit: comparing with the head before tells "unchanged" from "published".
     head = call(lambda: api.repo_info(repo_id, revision=revision)).sha
     title = f"Upload {repo_id.split('/')[1]}{' card' if card_only else ''} with hubmerge"
-    with shareable_copy(model_dir) as folder:
+    replaced = {CARD_FILE: card} if card is not None else {}
+    with shareable_copy(model_dir, replaced) as folder, _client_log(call):
         commit = call(
             lambda: api.upload_folder(
                 repo_id=repo_id,
@@ -178,36 +196,110 @@ def configured_hub(model_dir: Path) -> HubSettings:
     return (config.hub if config else None) or HubSettings()
 
 
+def card_for_repo(model_dir: Path, repo_id: str) -> str | None:
+    """The model card to publish to `repo_id` instead of the folder's, or None to keep that one.
+
+    A card names the model it is for in its title and its usage snippet (`model_id = "..."`):
+    the folder's name, or the config's `hub.repo_id`. Published elsewhere (`--repo-id`, the
+    Space's repository box), the card is rendered again for the repo, from the same inputs:
+    the folder's own results (`results/*.json`, or `hubmerge run`'s) or none, whichever
+    reproduces the card on disk. A card that cannot be reproduced so (edited by hand, or
+    rendered with results from elsewhere) is kept, unless its snippet loads another model:
+    that is an error saying how to render it for the repo.
+    """
+    from hubmerge.card.folders import results_files
+    from hubmerge.card.render import render_card
+    from hubmerge.merge import PLAN_FILE
+    from hubmerge.run import EVAL_RESULTS
+
+    model_dir = Path(model_dir)
+    path = model_dir / CARD_FILE
+    if not (model_dir / PLAN_FILE).is_file() or not path.is_file():
+        return None  # not a hubmerge model, or no card: nothing to render
+    on_disk = path.read_text(encoding="utf-8")
+    own = [model_dir / EVAL_RESULTS] if (model_dir / EVAL_RESULTS).is_file() else []
+    for results in ([], results_files(model_dir), own):
+        try:
+            if render_card(model_dir, results=results) == on_disk:
+                fresh = render_card(model_dir, results=results, repo_id=repo_id)
+                return fresh if fresh != on_disk else None
+        except CardError:
+            continue
+    named = re.search(r'model_id = "([^"]+)"', on_disk)
+    if named and named.group(1) != repo_id:
+        raise HubError(
+            f"{path}: its usage snippet loads {named.group(1)!r}, not {repo_id}, and it is not "
+            "a card hubmerge can render again from this folder alone: render it for the repo "
+            f"with `hubmerge card {model_dir} --repo-id {repo_id}` (and the --results it "
+            "shows), then publish"
+        )
+    return None
+
+
 @contextlib.contextmanager
-def shareable_copy(model_dir: Path) -> Iterator[Path]:
-    """The folder as the Hub should see it: no local path of this machine in any text file.
+def shareable_copy(model_dir: Path, replaced: dict[str, str] | None = None) -> Iterator[Path]:
+    """The folder as the Hub should see it: nothing of this machine in any text file.
 
     Recipes, plans and reports name local donors as the user wrote them (often an absolute path,
     which can hold a user name); on the Hub each becomes the folder name the card already uses.
-    Files are linked, not copied, so weights cost nothing; only rewritten text files are new.
+    The folder's own path becomes its name, and paths under the home folder start with `~/`.
+    lm-eval results files lose what lm-eval records about the machine (`shareable_results`);
+    the full file stays in the folder. Files are linked, not copied, so weights cost nothing;
+    only rewritten text files are new. `replaced` gives the text of files (by relative path)
+    that go to the Hub instead of the folder's: the card rendered for the repo.
     """
+    replaced = replaced or {}
+    model_dir = Path(model_dir)
     try:
         donors = load_donors(model_dir)
     except CardError:  # not written by `hubmerge merge`: nothing to translate
         donors = {}
-    renames = sorted(
-        ((ref, d.name) for ref, d in donors.items() if not d.hub and ref != d.name),
-        key=lambda pair: -len(pair[0]),  # longest first: a path may contain another
+    renames = dict((ref, d.name) for ref, d in donors.items() if not d.hub and ref != d.name)
+    for folder in {model_dir.absolute(), model_dir.resolve()}:
+        renames.setdefault(str(folder), model_dir.name)
+    home = str(Path.home())
+    if len(home) > 1:
+        renames.setdefault(home + os.sep, "~" + os.sep)
+    # Longest first, since a path may contain another; a name, never the start of a longer one.
+    pattern = re.compile(
+        "|".join(
+            re.escape(ref) + ("" if ref.endswith(("/", "\\")) else r"(?![\w.-])")
+            for ref in sorted(renames, key=len, reverse=True)
+        )
     )
     with tempfile.TemporaryDirectory(prefix="hubmerge-publish-") as tmp:
-        for file in sorted(p for p in Path(model_dir).rglob("*") if p.is_file()):
-            target = Path(tmp) / file.relative_to(model_dir)
+        for file in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+            name = file.relative_to(model_dir).as_posix()
+            target = Path(tmp) / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            if renames and file.suffix in _TEXT_SUFFIXES:
-                text = file.read_text(encoding="utf-8")
-                shared = text
-                for ref, name in renames:
-                    shared = shared.replace(ref, name)
-                if shared != text:
-                    target.write_text(shared, encoding="utf-8")
+            if name in replaced or (
+                file.suffix in _TEXT_SUFFIXES and file.name not in _VOCABULARY_FILES
+            ):
+                # Bytes that are not UTF-8 pass through unchanged.
+                text = replaced.get(name) or file.read_text(
+                    encoding="utf-8", errors="surrogateescape"
+                )
+                shared = _shareable_json(text, model_dir)
+                shared = pattern.sub(lambda match: renames[match.group(0)], shared)
+                if shared != text or name in replaced:
+                    target.write_text(shared, encoding="utf-8", errors="surrogateescape")
                     continue
             target.symlink_to(file.resolve())
         yield Path(tmp)
+
+
+def _shareable_json(text: str, model_dir: Path) -> str:
+    """`text` itself, or the shareable copy of it when it is an lm-eval results file."""
+    if '"results"' not in text:  # cheap: most JSON files are not results
+        return text
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text
+    if not is_results(data):
+        return text
+    shared = shareable_results(data, model_dir.name)
+    return json.dumps(shared, indent=2, ensure_ascii=False) + "\n"
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -241,13 +333,74 @@ def resolve_token(token: str | None, *, oidc_repo: str | None = None) -> str:
     if oidc_repo:
         if token:
             raise HubError("--token and --oidc exclude each other: --oidc gets its own token")
-        return _oidc_token(oidc_repo)
+        return check_token_text(_oidc_token(oidc_repo))
     token = (token or get_token() or "").strip()
     if not token:
         raise HubError(
             "not logged in to the Hub: run `hf auth login`, set HF_TOKEN or pass --token"
         )
+    return check_token_text(token)
+
+
+def check_token_text(token: str) -> str:
+    """Refuse a token with a line break, a space or another control character inside, without
+    showing it: a token pasted with more than itself would be sent, and quoted back in the
+    HTTP client's errors in forms a scrubber of the raw string misses.
+    """
+    if not token.isprintable() or any(c.isspace() for c in token):
+        raise HubError(
+            "the Hub token has a line break, space or other control character inside (pasted "
+            "with something else?); it is not shown here: copy the token again"
+        )
     return token
+
+
+def scrub(text: str, secret: str | None) -> str:
+    """`text` with every form of `secret` in it replaced by `***`: as is, stripped, escaped as
+    Python or JSON would quote it, and URL-quoted (errors quote requests in each of these).
+    """
+    if not secret:
+        return text
+    forms = {
+        secret,
+        secret.strip(),
+        repr(secret)[1:-1],
+        repr(secret.encode())[2:-1],
+        json.dumps(secret)[1:-1],
+        quote(secret, safe=""),
+    }
+    for form in sorted((f for f in forms if len(f) >= 4), key=len, reverse=True):
+        text = text.replace(form, "***")
+    return text
+
+
+def check_token(
+    repo_id: str,
+    token: str,
+    *,
+    endpoint: str | None = None,
+    retry: RetryPolicy | None = None,
+    log: Callable[[str], None] = lambda message: None,
+) -> str:
+    """The Hub user `token` belongs to, asked of the Hub (`whoami`), for publishing `repo_id`.
+
+    `hubmerge run` asks before it merges, so a refused token is found in seconds, not after
+    hours of merging and evaluating; the refusal reads as a publish's would (`_HubCaller`).
+    """
+    api = _api(_endpoint(endpoint), token)
+    answer = _HubCaller(repo_id, token, retry or RETRY, log)(lambda: api.whoami(token=token))
+    return str(answer.get("name", ""))
+
+
+def _endpoint(endpoint: str | None) -> str:
+    """`endpoint`, else `HF_ENDPOINT` as set now (the client reads it only at import)."""
+    return (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def _api(endpoint: str, token: str) -> HfApi:
+    return HfApi(
+        endpoint=endpoint, token=token, library_name="hubmerge", library_version=__version__
+    )
 
 
 def upload_files(model_dir: Path, *, card_only: bool = False) -> tuple[UploadFile, ...]:
@@ -287,6 +440,14 @@ def read_frontmatter(model_dir: Path) -> dict[str, Any] | None:
         return metadata_load(readme) or {}
     except (yaml.YAMLError, ValueError) as e:
         raise HubError(f"{readme}: invalid YAML metadata ({_first_line(str(e))})") from None
+
+
+def _frontmatter(card: str, where: Path) -> dict[str, Any]:
+    """The YAML metadata of card text (`read_frontmatter` for a card not on disk)."""
+    try:
+        return ModelCard(card).data.to_dict()
+    except (yaml.YAMLError, ValueError) as e:
+        raise HubError(f"{where}: invalid YAML metadata ({_first_line(str(e))})") from None
 
 
 def _oidc_token(repo_id: str) -> str:
@@ -344,22 +505,29 @@ class _HubCaller:
             try:
                 return request()
             except Exception as e:
+                # A 401 is its own kind, so the Space can say what to do on a web page.
+                kind = TokenError if _status(e) == 401 else HubError
+                if _client_retried(e):  # the client retried it already: no second layer
+                    raise kind(self._scrub(self._describe(e, self.retry.tries))) from None
                 if attempt >= self.retry.tries or not _is_transient(e):
-                    raise HubError(self._scrub(self._describe(e, attempt))) from None
+                    raise kind(self._scrub(self._describe(e, attempt))) from None
                 wait = min(self.retry.delay * 2 ** (attempt - 1), self.retry.max_delay)
-                self.log(
-                    self._scrub(f"{self.repo_id}: {_what_failed(e)} (try {attempt} of ")
-                    + f"{self.retry.tries}); retrying in {wait:.0f}s"
-                )
+                self.retrying(_what_failed(e), attempt, self.retry.tries, wait)
                 time.sleep(wait)
                 attempt += 1
+
+    def retrying(self, what: str, attempt: int, tries: int, wait: float) -> None:
+        """The one line each retry gets, whichever layer retries."""
+        self.log(
+            self._scrub(f"{self.repo_id}: {what} (try {attempt} of {tries}); ")
+            + f"retrying in {wait:g}s"
+        )
 
     def _describe(self, error: Exception, attempt: int) -> str:
         """One line saying what went wrong and what to do about it."""
         repo = self.repo_id
-        # The client wraps a rejected README metadata check in a ValueError.
-        cause = error.__cause__ if isinstance(error.__cause__, HfHubHTTPError) else error
-        status = cause.response.status_code if isinstance(cause, HfHubHTTPError) else None
+        cause = _cause(error)
+        status = _status(error)
         server_message = _first_line(getattr(cause, "server_message", None) or "")
         said = f" (Hub: {server_message})" if server_message else ""
         if status == 401:
@@ -395,7 +563,81 @@ class _HubCaller:
         return f"{repo}: upload failed: {_short(error)}"
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self.token, "***")
+        return scrub(text, self.token)
+
+
+#: Requests huggingface_hub retries itself (`http_backoff`, `RetryPolicy`'s default policy):
+#: the upload's preupload calls.
+_CLIENT_RETRIED = re.compile(r"/preupload/")
+#: What huggingface_hub logs while it retries, and after a commit it skipped.
+_CLIENT_FAILED = re.compile(r"^(?:HTTP Error (\d+)|'(.*)') thrown while requesting ")
+_CLIENT_RETRY = re.compile(r"^Retrying in ([\d.]+)s \[Retry (\d+)/(\d+)\]")
+_CLIENT_UNCHANGED = "No files have been modified since last commit"
+
+
+def _client_retried(error: Exception) -> bool:
+    """Whether `error` answers a request huggingface_hub has retried already."""
+    response = error.response if isinstance(error, HfHubHTTPError) else None
+    return response is not None and bool(_CLIENT_RETRIED.search(str(response.url)))
+
+
+class _ClientLog(logging.Filter):
+    """huggingface_hub's own messages during a publish, in hubmerge's words.
+
+    Its two lines per retry ("HTTP Error 500 thrown while requesting ...", "Retrying in 1s
+    [Retry 1/5].") become the caller's one retry line, and its "No files have been modified
+    since last commit" goes, since the result says `unchanged` itself.
+    """
+
+    def __init__(self, call: _HubCaller) -> None:
+        super().__init__()
+        self.call, self.failed = call, "an error"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(_CLIENT_UNCHANGED):
+            return False
+        if failed := _CLIENT_FAILED.match(message):
+            status, error = failed.groups()
+            self.failed = f"HTTP {status}" if status else _first_line(error or "")
+            return False
+        if retry := _CLIENT_RETRY.match(message):
+            wait, attempt, retries = float(retry[1]), int(retry[2]), int(retry[3])
+            self.call.retrying(self.failed, attempt, retries + 1, wait)
+            return False
+        return True
+
+
+#: The loggers of huggingface_hub that speak during an upload.
+_CLIENT_LOGGERS = ("huggingface_hub.utils._http", "huggingface_hub.hf_api")
+
+
+@contextlib.contextmanager
+def _client_log(call: _HubCaller) -> Iterator[None]:
+    """Route huggingface_hub's messages through `_ClientLog` for the duration."""
+    client_log = _ClientLog(call)
+    loggers = [logging.getLogger(name) for name in _CLIENT_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(client_log)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(client_log)
+
+
+def _cause(error: Exception) -> Exception:
+    """The Hub's answer behind `error`: the client wraps a rejected README metadata check in a
+    ValueError."""
+    return error.__cause__ if isinstance(error.__cause__, HfHubHTTPError) else error
+
+
+def _status(error: Exception) -> int | None:
+    """The HTTP status the Hub answered with, if it answered."""
+    cause = _cause(error)
+    if isinstance(cause, HfHubHTTPError) and cause.response is not None:
+        return int(cause.response.status_code)
+    return None
 
 
 def _is_transient(error: Exception) -> bool:

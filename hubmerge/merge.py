@@ -18,13 +18,14 @@ from hubmerge.config import (
     BlockExpansionConfig,
     LinearConfig,
     MergeConfig,
+    MergekitConfig,
     NerConfig,
     OlmConfig,
     PassthroughConfig,
     load_config,
 )
-from hubmerge.errors import SourceError
-from hubmerge.methods import block_expansion, linear, ner, olm, passthrough
+from hubmerge.errors import CardError, SourceError
+from hubmerge.methods import block_expansion, linear, mergekit_run, ner, olm, passthrough
 from hubmerge.plan import MergePlan, recipe_yaml
 from hubmerge.sources import ModelSource
 from hubmerge.writer import Progress, staged_output, write_model
@@ -68,6 +69,8 @@ PLANNERS: dict[type, Planner] = {
     OlmConfig: olm.plan,
     NerConfig: ner.plan,
     LinearConfig: lambda c, s, _: linear.plan(c, s),
+    # mergekit computes the tensors; its plan is the merge's lineage and depth.
+    MergekitConfig: lambda c, s, _: mergekit_run.plan(c, s),
 }
 
 
@@ -76,6 +79,8 @@ class MergeResult:
     plan: MergePlan
     recipe: dict[str, Any]
     out_dir: Path | None
+    #: The config as merged (after `--dtype`), for callers that show more than the plan.
+    config: MergeConfig | None = None
 
 
 def open_sources(refs: list[str], *, allow_pickle: bool = False) -> dict[str, ModelSource]:
@@ -113,6 +118,32 @@ def config_yaml(config: MergeConfig) -> str:
     return recipe_yaml(config.model_dump(mode="json", exclude_none=True))
 
 
+def work_dir(out_dir: Path) -> Path:
+    """Where a merge into `out_dir` keeps state that survives a failed or interrupted run."""
+    out_dir = Path(out_dir).absolute()
+    return out_dir.parent / f".{out_dir.name}.work"
+
+
+def check_options(config: MergeConfig, *, device: str | None, card: bool) -> None:
+    """What fails without any model: the device and the card template, checked before the
+    models are opened and long before the weights are written.
+    """
+    chosen = device or getattr(config, "device", None)
+    if chosen is not None:
+        from hubmerge.devices import check_device
+
+        check_device(chosen)
+    template = config.card.template if card and config.card else None
+    if template:
+        try:
+            Path(template).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+            raise CardError(
+                f"card.template: {template}: cannot read card template ({why})"
+            ) from None
+
+
 def merge(
     config: MergeConfig | Path,
     out_dir: Path,
@@ -132,22 +163,39 @@ def merge(
 
     `card` writes the model card (README.md and layer_map.svg) once the weights are written.
     """
+    where = str(config) if isinstance(config, Path) else "config"
     if isinstance(config, Path):
         config = load_config(config)
+    if isinstance(config, MergekitConfig):
+        mergekit_run.validate(config, where)
     if dtype is not None:
         config = config.model_copy(update={"out_dtype": dtype})
+    check_options(config, device=device, card=card)
     sources = open_sources(config.referenced_models(), allow_pickle=allow_pickle)
     planner = PLANNERS[type(config)]
     if dry_run:
         plan = planner(config, sources, MergeContext(out_dir, None, device, reporter=reporter))
-        return MergeResult(plan, plan.to_recipe(sources), None)
+        return MergeResult(plan, _recipe(config, plan, sources), None, config)
     out_dir = Path(out_dir).absolute()
-    work_dir = out_dir.parent / f".{out_dir.name}.work"
+    work = work_dir(out_dir)
     with staged_output(out_dir, force=force) as staging:
-        context = MergeContext(out_dir, staging, device, work_dir, restart, reporter)
+        context = MergeContext(out_dir, staging, device, work, restart, reporter)
         plan = planner(config, sources, context)
-        recipe = plan.to_recipe(sources)
-        write_model(plan, sources, staging, shard_size=shard_size, progress=progress)
+        recipe = _recipe(config, plan, sources)
+        if isinstance(config, MergekitConfig):
+            if reporter:
+                reporter.log(f"mergekit computes the {config.merge_method} merge")
+            mergekit_run.write(
+                config,
+                plan,
+                sources,
+                staging,
+                shard_size=shard_size,
+                device=device,
+                allow_pickle=allow_pickle,
+            )
+        else:
+            write_model(plan, sources, staging, shard_size=shard_size, progress=progress)
         (staging / RECIPE_FILE).write_text(recipe_yaml(recipe))
         (staging / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
         write_config(config, staging)
@@ -158,5 +206,14 @@ def merge(
         (staging / SOURCES_FILE).write_text(sources_json(sources))
         if card:
             write_card(staging, name=out_dir.name)
-    shutil.rmtree(work_dir, ignore_errors=True)
-    return MergeResult(plan, recipe, out_dir)
+    shutil.rmtree(work, ignore_errors=True)
+    return MergeResult(plan, recipe, out_dir, config)
+
+
+def _recipe(
+    config: MergeConfig, plan: MergePlan, sources: Mapping[str, ModelSource]
+) -> dict[str, Any]:
+    """The recipe that rebuilds the model: the plan's, or for mergekit's methods the config."""
+    if isinstance(config, MergekitConfig):
+        return mergekit_run.recipe(config, sources)
+    return plan.to_recipe(sources)

@@ -37,7 +37,6 @@ from typing import Literal
 import numpy as np
 import torch
 
-from hubmerge.errors import ConfigError
 from hubmerge.tensorfile import TensorInfo, read_tensor
 
 Normalize = Literal["none", "minmax"]
@@ -113,17 +112,6 @@ def matrix_ner(matrix: np.ndarray | torch.Tensor, *, normalize: Normalize = "non
 def score_tensor(info: TensorInfo, *, normalize: Normalize, device: str) -> float:
     """NER of one stored 2-D tensor, read from its file onto `device` in its stored dtype."""
     return matrix_ner(read_tensor(info).to(device), normalize=normalize)
-
-
-def check_device(device: str) -> str:
-    """`device` if torch can compute there, else a `ConfigError` naming the option."""
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"--device {device}: not a torch device (cpu, cuda, cuda:1)") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available to torch here")
-    return device
 
 
 def cache_dir() -> Path:

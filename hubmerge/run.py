@@ -14,7 +14,6 @@ holds no token and stays local (see `hub.LOCAL_ONLY_PATTERNS`).
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -25,9 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 from hubmerge import hub
 from hubmerge.config import HubSettings, MergeConfig, load_config
-from hubmerge.errors import EvalError, OutputError
+from hubmerge.errors import OutputError
 
 if TYPE_CHECKING:  # the merge engine (and torch) load only when a merge runs
+    from hubmerge.evals import Counter
     from hubmerge.merge import Reporter
     from hubmerge.writer import Progress
 
@@ -71,23 +71,27 @@ def run(
     retry: hub.RetryPolicy | None = None,
     progress: Progress | None = None,
     reporter: Reporter | None = None,
+    eval_progress: Counter | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> RunResult:
     """Build the model `config_path` describes into `out_dir`, evaluate, card and publish it.
 
-    Evaluation runs when `tasks` or `preset` is given. Publishing runs when `push` or the
-    config's `hub.repo_id` names a repo; `push` and `private` override the config's `hub:`
-    settings, and the card is written from the settings in effect. Whatever can fail without
-    a merge (config, tasks, lm-eval, repo id, offline mode, the token) is checked first.
+    Evaluation runs when `tasks` or `preset` is given (`eval_progress` starts its bar).
+    Publishing runs when `push` or the config's `hub.repo_id` names a repo; `push` and
+    `private` override the config's `hub:` settings, and the card is written from the settings
+    in effect. Whatever can fail without a merge (config, tasks, lm-eval and every package the
+    tasks import, repo id, offline mode, the token, which the Hub is asked about) is checked
+    first.
     """
-    from hubmerge.evals import resolve_tasks
+    from hubmerge import evals
 
     out_dir = Path(out_dir).absolute()
     config = _with_overrides(load_config(Path(config_path)), push, private)
-    eval_tasks = resolve_tasks(tasks, preset)
-    if eval_tasks and importlib.util.find_spec("lm_eval") is None:
-        # Found out now, not after a merge that may take hours.
-        raise EvalError("evaluating needs lm-eval: pip install 'hubmerge[eval]'")
+    eval_tasks = evals.resolve_tasks(tasks, preset)
+    if eval_tasks:
+        # lm-eval, the tasks and every package their code imports: found out now, not after
+        # a merge that may take hours.
+        evals.preflight(eval_tasks)
     settings = config.hub or HubSettings()
     if settings.repo_id:
         hub.check_repo_id(settings.repo_id)
@@ -115,7 +119,14 @@ def run(
     def do_eval() -> dict[str, Any]:
         from hubmerge.evals import run_eval
 
-        run_eval(out_dir, eval_tasks, output=out_dir / EVAL_RESULTS, limit=limit, device=device)
+        run_eval(
+            out_dir,
+            eval_tasks,
+            output=out_dir / EVAL_RESULTS,
+            limit=limit,
+            device=device,
+            progress=eval_progress,
+        )
         return {"tasks": eval_tasks, "limit": limit, "results": EVAL_RESULTS}
 
     def do_card() -> dict[str, Any]:
@@ -151,6 +162,10 @@ def run(
     if settings.repo_id:
         stages.append(_Stage("publish", _chain(stages, settings.repo_id), do_publish))
 
+    if settings.repo_id and recorded.get("publish", {}).get("key") != stages[-1].key:
+        # Asked of the Hub now, not found refused after a merge that may take hours.
+        hub.check_token(settings.repo_id, token, endpoint=endpoint, retry=retry, log=log)
+
     result = RunResult(out_dir)
     done: dict[str, Any] = {}
     for stage in stages:
@@ -167,6 +182,14 @@ def run(
     if "publish" in done:
         result.url = done["publish"]["url"]
     return result
+
+
+def finished_stages(out_dir: Path) -> list[str]:
+    """The stages a run into `out_dir` has finished, in order (none when it has no state)."""
+    try:
+        return list(json.loads((Path(out_dir) / STATE_FILE).read_text())["stages"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 def merge_fingerprint(config: MergeConfig) -> str:

@@ -4,45 +4,59 @@ The Space is a thin layer over hubmerge's Python API, like the CLI; this module 
 a web page needs and a terminal does not, kept free of gradio so they are tested on their own:
 
 - `shared_space()`: whether strangers use this process (on Hugging Face Spaces, or with
-  `HUBMERGE_SPACE=1`). Then `check_shared` accepts Hub ids only, so nobody makes the server read
-  its own files, and `refuse_implicit_token` keeps the Space owner's token out of every request.
+  `HUBMERGE_SPACE=1`). Then `check_shared` accepts Hub models and datasets only, so nobody
+  makes the server read its own files, and `refuse_implicit_token` keeps the Space owner's
+  token out of every request.
 - `preview`: the layer map of passthrough and block expansion from `config.json` files alone,
   before any weights are downloaded.
 - `check_disk`: the weights to download plus the output must fit on the disk.
-- `MergeJob`: one merge on a worker thread in a temporary folder, reporting to `JobReporter`,
-  which a page polls to stream the log and move a progress bar.
+- `check`: the editor's config and its models' configs, validated in a `Budgeted` subprocess.
+- `MergeJob`: one merge in a `Budgeted` subprocess in a temporary folder, reporting to
+  `JobReporter`, which a page polls to stream the log and move a progress bar.
+
+Every untrusted input is bounded before it costs anything (`hubmerge.limits`), and on top of
+that each validation and merge runs in a forked process with its own time and memory budget
+(`Budgeted`): one visitor's request that still goes wrong is stopped alone, and the others'
+jobs keep running. Merges take turns (`JOB_SLOTS`); the checks before a merge do not wait.
 """
 
 from __future__ import annotations
 
 import base64
+import multiprocessing
 import os
 import re
+import resource
 import shutil
 import tempfile
 import threading
+import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import filter_repo_objects
 
-from hubmerge import arch
 from hubmerge.card import CARD_FILE, LAYER_MAP_FILE
 from hubmerge.config import (
     BlockExpansionConfig,
     LinearConfig,
     MergeConfig,
+    MergekitConfig,
     OlmConfig,
     PassthroughConfig,
     loads_config,
 )
-from hubmerge.errors import ConfigError, OutputError, SourceError
+from hubmerge.datasets import is_hub_dataset
+from hubmerge.errors import BudgetError, ConfigError, HubmergeError, OutputError, SourceError
 from hubmerge.hub import upload_files
-from hubmerge.methods import block_expansion, linear, passthrough
+from hubmerge.methods import block_expansion, linear, mergekit_run, passthrough
 from hubmerge.plan import MergePlan
 from hubmerge.sources import (
     CONFIG_PATTERNS,
@@ -51,6 +65,7 @@ from hubmerge.sources import (
     fetch,
     is_hub_id,
     read_config,
+    read_index,
 )
 from hubmerge.tensorfile import DTYPE_CODES, ITEMSIZE, TensorInfo
 
@@ -63,6 +78,14 @@ _JOB_PREFIX = "hubmerge-space-"
 #: Above this the weights are not offered for download (copying them for the browser would
 #: double the disk they take): publish them instead.
 DOWNLOAD_LIMIT = 2 * 10**9
+#: A merge's budget: wall seconds (downloads included) and memory beyond the server's own.
+JOB_SECONDS = int(os.environ.get("HUBMERGE_JOB_SECONDS", 3 * 3600))
+JOB_MEMORY = int(os.environ.get("HUBMERGE_JOB_MEMORY", 8 * 2**30))
+#: A validation's budget: it reads configs only.
+CHECK_SECONDS = int(os.environ.get("HUBMERGE_CHECK_SECONDS", 120))
+CHECK_MEMORY = int(os.environ.get("HUBMERGE_CHECK_MEMORY", 2 * 2**30))
+#: Merges running at once (the others wait their turn, checked already).
+JOB_SLOTS = threading.BoundedSemaphore(int(os.environ.get("HUBMERGE_JOBS", "1")))
 
 
 def shared_space() -> bool:
@@ -83,14 +106,17 @@ def refuse_implicit_token() -> None:
 def read_config_text(text: str) -> MergeConfig:
     """The config in the editor, validated; on a shared Space also `check_shared`."""
     config = loads_config(text, "config")
+    if isinstance(config, MergekitConfig):
+        mergekit_run.validate(config, "config")
     if shared_space():
         check_shared(config)
     return config
 
 
 def check_shared(config: MergeConfig) -> None:
-    """Refuse whatever would make a shared Space read its own files: every model (and dataset)
-    must be a Hub id, and a card template cannot be a path on the server.
+    """Refuse whatever would make a shared Space read its own files: every model must be a Hub
+    id, every OLM dataset a file in a Hub dataset repo, and a card template cannot be a path on
+    the server.
     """
     for ref in config.referenced_models():
         if not is_hub_id(ref):
@@ -100,19 +126,21 @@ def check_shared(config: MergeConfig) -> None:
             )
     if isinstance(config, OlmConfig):
         for name in config.dataset:
-            if not is_hub_id(name):
+            if not is_hub_dataset(name):
                 raise ConfigError(
-                    f"dataset {name}: not a Hub id; this shared Space reads no files on the server"
+                    f"dataset {name}: not a file in a Hub dataset repo; this shared Space reads "
+                    "datasets from the Hub only (hf://datasets/ORG/NAME/FILE.json), never files "
+                    "on the server"
                 )
-        # Even Hub-hosted: OLM reads its datasets as local JSON files, and scores every candidate
-        # layer by generating text, hours on a shared CPU.
-        raise ConfigError(
-            "olm: OLM reads its datasets from local JSON files, which this shared Space does not "
-            "do; run it with `hubmerge merge` or a self-hosted Space"
-        )
     if config.card and config.card.template:
         raise ConfigError(
             "card.template: a path on the server; this shared Space uses the default card"
+        )
+    if isinstance(config, MergekitConfig) and "tokenizer" in config.mergekit_data():
+        # mergekit reads the models a `tokenizer:` section names itself, local paths included.
+        raise ConfigError(
+            "tokenizer: mergekit would read the models it names itself, which this shared Space "
+            "does not allow; use tokenizer_source: ORG/NAME"
         )
 
 
@@ -135,6 +163,9 @@ PREVIEW_PLANNERS: dict[type, Callable[..., MergePlan]] = {
     PassthroughConfig: passthrough.plan,
     BlockExpansionConfig: block_expansion.plan,
     LinearConfig: linear.plan,
+    # Lineage and depth only (mergekit blends every model into each tensor), which bounds the
+    # output's size for the disk check; the page shows the parameters instead of a layer map.
+    MergekitConfig: mergekit_run.plan,
 }
 
 
@@ -192,8 +223,8 @@ def config_source(ref: str, folder: Path) -> ModelSource:
     checkpoint of that config holds, so the methods' own planners run on them unchanged. Nothing
     may read their bytes; the merge reads the real headers, which decide where they differ.
     """
-    config = read_config(folder, ref)
-    arch.architecture(config, ref)
+    config = read_config(folder, ref)  # bounded: num_hidden_layers <= MAX_LAYERS
+    read_index(folder, ref)  # shard names: none may leave the model's folder
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -289,6 +320,11 @@ class JobReporter:
 
         return step
 
+    def step(self) -> None:
+        """Advance the bar now running (what a step of a `Budgeted` job's bar arrives as)."""
+        if self.bar is not None:
+            self.bar[1] += 1  # type: ignore[operator]
+
     def log(self, message: str) -> None:
         self.lines.append(message)
 
@@ -297,48 +333,266 @@ class JobReporter:
         return "\n".join(self.lines)
 
 
+@dataclass(frozen=True)
+class Checked:
+    """What validating a config found: the method, each model's depth and the layer map."""
+
+    method: str
+    layers: dict[str, int]
+    #: The plan's layer map and depth; None for methods that decide the layer map while
+    #: merging (NER, OLM).
+    rows: list[tuple[str, str, str, str]] | None
+    depth: int | None
+    #: For methods mergekit computes: their parameter tables (`mergekit_run.parameter_tables`).
+    parameters: list[dict[str, Any]] | None = None
+
+
+def check(text: str) -> Checked:
+    """Validate the editor's config and preview its plan, in a `Budgeted` subprocess."""
+    job = Budgeted(_check, (text,), {}, CHECK_SECONDS, CHECK_MEMORY)
+    job.wait(None)
+    if job.error is not None:
+        raise job.error
+    result: Checked = job.result
+    return result
+
+
+def _check(text: str) -> Checked:
+    config = read_config_text(text)
+    previewed = preview(config)
+    layers = {ref: s.num_layers for ref, s in previewed.sources.items()}
+    plan = previewed.plan
+    if isinstance(config, MergekitConfig) and plan is not None:
+        tables = mergekit_run.parameter_tables(config.mergekit_data())
+        return Checked(config.merge_method, layers, None, len(plan.layers), tables)
+    if plan is None:
+        return Checked(config.merge_method, layers, None, None)
+    return Checked(config.merge_method, layers, plan.rows(), len(plan.layers))
+
+
+class Budgeted:
+    """`target(*args, **kwargs)` in a forked process that may use `seconds` of wall time and
+    `memory` bytes beyond what the server already holds (its address space is capped), then is
+    killed: a request that goes wrong costs its visitor alone.
+
+    The child reports through a pipe: `reporter` (a `JobReporter`) hears what it logs, when
+    given, and `result` or `error` holds the outcome once `wait` says it ended.
+    """
+
+    def __init__(
+        self,
+        target: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        seconds: float,
+        memory: int,
+        reporter: JobReporter | None = None,
+        slots: threading.BoundedSemaphore | None = None,
+    ) -> None:
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run,
+            args=(target, args, kwargs, seconds, memory, reporter, slots),
+            daemon=True,
+        )
+        self._thread.start()
+
+    def _run(
+        self,
+        target: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        seconds: float,
+        memory: int,
+        reporter: JobReporter | None,
+        slots: threading.BoundedSemaphore | None,
+    ) -> None:
+        if slots is not None and not slots.acquire(blocking=False):
+            if reporter:
+                reporter.log("waiting for the merge before this one to finish")
+            while not slots.acquire(timeout=0.5):
+                if self._stopped.is_set():
+                    return
+        try:
+            self._follow(target, args, kwargs, seconds, memory, reporter)
+        finally:
+            if slots is not None:
+                slots.release()
+
+    def _follow(
+        self,
+        target: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        seconds: float,
+        memory: int,
+        reporter: JobReporter | None,
+    ) -> None:
+        if self._stopped.is_set():
+            return
+        context = multiprocessing.get_context("fork")  # the child has what this process has
+        receive, send = context.Pipe(duplex=False)
+        process = context.Process(
+            target=_child, args=(send, target, args, kwargs, memory, reporter is not None)
+        )
+        self._process = process
+        process.start()
+        send.close()
+        deadline = time.monotonic() + seconds
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.error = BudgetError(
+                        f"stopped after {seconds:,.0f} s, the time this Space gives each job"
+                    )
+                    break
+                if not receive.poll(min(left, 0.5)):
+                    if self._stopped.is_set():
+                        break
+                    continue
+                try:
+                    kind, payload = receive.recv()
+                except (EOFError, OSError):
+                    self.error = BudgetError(
+                        "the job was stopped (killed, or over the memory this Space gives each "
+                        f"job: {memory / 2**30:,.1f} GiB)"
+                    )
+                    break
+                if kind == "result":
+                    self.result = payload
+                    break
+                if kind == "error":
+                    self.error = payload
+                    break
+                if reporter is not None:
+                    getattr(reporter, kind)(*payload)
+        finally:
+            receive.close()
+            if process.is_alive():
+                process.kill()
+            process.join()
+
+    def wait(self, timeout: float | None) -> bool:
+        """Wait up to `timeout` seconds (None: until it ends); whether the job has ended."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def stop(self) -> None:
+        """Kill the job (or cancel it while it waits its turn)."""
+        self._stopped.set()
+        if self._process is not None and self._process.is_alive():
+            self._process.kill()
+
+
+def _child(
+    send: Connection,
+    target: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    memory: int,
+    relay: bool,
+) -> None:
+    """The forked side of `Budgeted`: cap the address space, run, send the outcome."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/self/statm") as f:
+        mapped = int(f.read().split()[0]) * page
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = mapped + memory if hard == resource.RLIM_INFINITY else min(hard, mapped + memory)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        if relay:
+            kwargs = kwargs | {"reporter": _Relay(send)}
+        send.send(("result", target(*args, **kwargs)))
+    except MemoryError:
+        message = f"over the memory this Space gives each job ({memory / 2**30:,.1f} GiB)"
+        send.send(("error", BudgetError(message)))
+    except HubmergeError as e:
+        send.send(("error", e))
+    except BaseException as e:  # a bug: the details go to the server's log, the page the gist
+        traceback.print_exception(e)
+        send.send(("error", RuntimeError(f"unexpected {type(e).__name__}")))
+    finally:
+        send.close()
+
+
+class _Relay:
+    """A `JobReporter` in the child: each call goes through the pipe to the parent's."""
+
+    def __init__(self, send: Connection) -> None:
+        self._send = send
+
+    def start(self, total_bytes: int, total_tensors: int) -> None:
+        self._send.send(("start", (total_bytes, total_tensors)))
+
+    def advance(self, nbytes: int) -> None:
+        self._send.send(("advance", (nbytes,)))
+
+    def progress(self, description: str, total: int) -> Callable[[], None]:
+        self._send.send(("progress", (description, total)))
+        return lambda: self._send.send(("step", ()))
+
+    def log(self, message: str) -> None:
+        self._send.send(("log", (message,)))
+
+
 class MergeJob:
-    """One merge on a worker thread, into `folder/NAME`; `close()` removes the folder.
+    """One merge in a `Budgeted` subprocess, into `folder/NAME`; `close()` removes the folder.
 
     Before any weights are downloaded, the job previews the config and checks the disk, so
     what can fail early does; `error` holds what stopped it, `out_dir` the model once done.
+    Merges take turns (`JOB_SLOTS`): a job waits for its turn before it starts.
     """
 
     def __init__(self, config: MergeConfig, name: str) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix=_JOB_PREFIX))
         self.out_dir = self.folder / check_name(name)
         self.reporter = JobReporter()
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(config,), daemon=True)
-        self._thread.start()
+        self._job = Budgeted(
+            _merge,
+            (config, self.out_dir),
+            {},
+            JOB_SECONDS,
+            JOB_MEMORY,
+            reporter=self.reporter,
+            slots=JOB_SLOTS,
+        )
 
-    def _run(self, config: MergeConfig) -> None:
-        from hubmerge.merge import merge
-
-        log = self.reporter.log
-        try:
-            log("reading the models' configs")
-            check_disk(config, preview(config), self.folder)
-            if any(is_hub_id(ref) for ref in config.referenced_models()):
-                log("downloading weights (from the Hub, or its cache)")
-            merge(config, self.out_dir, progress=self.reporter, reporter=self.reporter)
-            log(f"done: {self.out_dir.name}")
-        except BaseException as e:  # reported to the page, which shows hubmerge's errors as is
-            self.error = e
+    @property
+    def error(self) -> BaseException | None:
+        return self._job.error
 
     def wait(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds; whether the job has finished."""
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        return self._job.wait(timeout)
 
     def close(self) -> None:
         discard(self.out_dir)
 
     def abandon(self) -> None:
-        """Remove the folder once the merge stops (nobody waits for it; a thread cannot be
-        stopped from outside, and removing files under a running merge would fail it noisily).
-        """
-        threading.Thread(target=lambda: (self._thread.join(), self.close()), daemon=True).start()
+        """Nobody waits for the result any more: stop the merge, then remove its folder."""
+        self._job.stop()
+
+        def clean_up() -> None:
+            self._job.wait(None)
+            self.close()
+
+        threading.Thread(target=clean_up, daemon=True).start()
+
+
+def _merge(config: MergeConfig, out_dir: Path, reporter: JobReporter) -> None:
+    """A merge job's work (in the `Budgeted` child): check early, then merge."""
+    from hubmerge.merge import merge
+
+    reporter.log("reading the models' configs")
+    check_disk(config, preview(config), out_dir.parent)
+    if any(is_hub_id(ref) for ref in config.referenced_models()):
+        reporter.log("downloading weights (from the Hub, or its cache)")
+    merge(config, out_dir, progress=reporter, reporter=reporter)
+    reporter.log(f"done: {out_dir.name}")
 
 
 def discard(model_dir: str | Path | None) -> None:

@@ -23,7 +23,14 @@ from hubmerge import arch
 from hubmerge.errors import ConfigError, OutputError, SourceError
 from hubmerge.plan import MergePlan, OutputTensor
 from hubmerge.sources import ModelSource
-from hubmerge.tensorfile import DTYPE_CODES, DTYPE_NAMES, ITEMSIZE, encode_header, transform
+from hubmerge.tensorfile import (
+    DTYPE_CODES,
+    DTYPE_NAMES,
+    ITEMSIZE,
+    encode_header,
+    transform,
+    weighted_sum,
+)
 
 #: Tokenizer files copied from the tokenizer donor (chat template included).
 TOKENIZER_FILES = (
@@ -86,7 +93,11 @@ class _Planned:
 
     @property
     def raw(self) -> bool:
-        return self.tensor.scale == 1.0 and self.tensor.source.dtype == self.compute == self.out
+        return (
+            not self.tensor.terms
+            and self.tensor.scale == 1.0
+            and self.tensor.source.dtype == self.compute == self.out
+        )
 
     @property
     def nbytes(self) -> int:
@@ -135,6 +146,8 @@ def write_model(
                 _copy_range(
                     source_fd[p.tensor.source.file], fd, p.tensor.source.offset, offset, p.nbytes
                 )
+            elif p.tensor.terms:
+                weighted_sum(p.tensor.terms, p.compute, p.out, fd, offset)
             else:
                 transform(p.tensor.source, p.tensor.scale, p.compute, p.out, fd, offset)
             return p.nbytes
@@ -171,11 +184,17 @@ def _lay_out(plan: MergePlan, sources: Mapping[str, ModelSource]) -> list[_Plann
     for tensor in plan.tensors(sources):
         compute = compute_override or tensor.source.dtype
         p = _Planned(tensor, compute, out_override or compute)
-        if not p.raw and tensor.source.dtype not in DTYPE_NAMES:
-            raise SourceError(
-                f"{tensor.source.file}: tensor {tensor.source.name} is "
-                f"{tensor.source.dtype}, which hubmerge cannot scale or cast"
-            )
+        for info in [t for t, _ in tensor.terms] or [tensor.source]:
+            if not p.raw and info.dtype not in DTYPE_NAMES:
+                raise SourceError(
+                    f"{info.file}: tensor {info.name} is {info.dtype}, "
+                    "which hubmerge cannot scale, cast or blend"
+                )
+            if compute_override is None and info.dtype != compute:
+                # mergekit would cast every term to the first one's dtype: say so explicitly.
+                raise ConfigError(
+                    f"tensor {tensor.name} blends {info.dtype} with {compute} tensors: set dtype"
+                )
         planned.append(p)
     return planned
 
@@ -229,43 +248,145 @@ def _write_config(
 
 
 def _copy_support_files(plan: MergePlan, sources: Mapping[str, ModelSource], out_dir: Path) -> None:
-    generation = sources[plan.donor].path / "generation_config.json"
-    if generation.exists():
-        shutil.copyfile(generation, out_dir / generation.name)
-    tokenizer_dir = sources[plan.tokenizer].path
-    for name in TOKENIZER_FILES:
-        if (tokenizer_dir / name).exists():
-            shutil.copyfile(tokenizer_dir / name, out_dir / name)
+    wanted = [(sources[plan.donor], "generation_config.json")]
+    wanted += [(sources[plan.tokenizer], name) for name in TOKENIZER_FILES]
+    for source, name in wanted:
+        if (path := source.file(name)) is not None:  # checked: a plain file of the model's
+            shutil.copyfile(path, out_dir / name)
 
 
 @contextlib.contextmanager
 def staged_output(out_dir: Path, *, force: bool) -> Iterator[Path]:
     """A temporary sibling folder that becomes `out_dir` only if the block completes.
 
-    A failed or interrupted merge removes its staging folder; a killed one leaves only a hidden
-    `.NAME.partial-PID` folder, never something that looks like a finished model, and the next
-    run clears it. An existing `out_dir` is replaced only with `force`, and only at the end.
+    A failed or interrupted merge removes its staging folder, and the parent folders it had to
+    create; a killed one leaves only a hidden `.NAME.partial-PID` folder, never something that
+    looks like a finished model. An existing `out_dir` is replaced only with `force`, and only
+    at the end. Each output is written by one process at a time: the run holds a lock
+    (`.NAME.lock`, removed when done) and a second run into the same folder is refused, so no
+    run ever removes a live run's staging folder; the stale folders of runs that were killed
+    (their process is gone) are cleared by the next run.
     """
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not force:
         raise OutputError(f"{out_dir}: already exists (pass --force to replace it)")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError(f"{out_dir}: exists and is not a folder")
-    parent = out_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    for stale in parent.glob(f".{out_dir.name}.partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = parent / f".{out_dir.name}.partial-{os.getpid()}"
-    staging.mkdir()
+    created = _make_parents(out_dir)
     try:
-        yield staging
+        with _output_lock(out_dir):
+            _clear_stale(out_dir)
+            if out_dir.exists() and not force:  # a killed --force run's old model, restored
+                raise OutputError(f"{out_dir}: already exists (pass --force to replace it)")
+            if out_dir.exists() and not out_dir.is_dir():
+                raise OutputError(f"{out_dir}: exists and is not a folder")
+            staging = _sibling(out_dir, "partial", os.getpid())
+            staging.mkdir()
+            try:
+                yield staging
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            if out_dir.exists():
+                trash = _sibling(out_dir, "replaced", os.getpid())
+                out_dir.rename(trash)
+                staging.rename(out_dir)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                staging.rename(out_dir)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:  # deepest first; one a failed run left state in stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
-    if out_dir.exists():
-        trash = parent / f".{out_dir.name}.replaced-{os.getpid()}"
-        out_dir.rename(trash)
-        staging.rename(out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        staging.rename(out_dir)
+
+
+def _sibling(out_dir: Path, kind: str, pid: int) -> Path:
+    return out_dir.parent / f".{out_dir.name}.{kind}-{pid}"
+
+
+def _make_parents(out_dir: Path) -> list[Path]:
+    """Create `out_dir`'s missing parent folders; the ones created, deepest first."""
+    missing = []
+    existing = out_dir.parent
+    while not existing.exists() and not existing.is_symlink():
+        missing.append(existing)
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{out_dir}: cannot be created: {existing} is a file, not a folder")
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except OSError as e:
+            for made in missing[missing.index(folder) + 1 :]:
+                with contextlib.suppress(OSError):
+                    made.rmdir()
+            raise OutputError(f"{out_dir}: cannot create {folder} ({e.strerror})") from None
+    return missing
+
+
+@contextlib.contextmanager
+def _output_lock(out_dir: Path) -> Iterator[None]:
+    """Hold `.NAME.lock` (an exclusive `flock`) while `out_dir` is written; refuse if taken."""
+    import fcntl
+
+    lock = out_dir.parent / f".{out_dir.name}.lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputError(f"{out_dir}: cannot write next to it ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            by = f" (process {owner})" if owner.isdigit() else ""
+            raise OutputError(
+                f"{out_dir}: another hubmerge run{by} is writing it right now; "
+                "wait for it to finish"
+            ) from None
+        # Its last holder removes the file on the way out: if it did so after we opened it,
+        # the lock we hold is on a file nobody else sees, so lock the one now there.
+        try:
+            current = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+
+
+def _clear_stale(out_dir: Path) -> None:
+    """Remove what killed runs into `out_dir` left (the lock is held: none of them is live).
+
+    A run killed between moving the old model aside and moving the new one in leaves no
+    `out_dir` and the old model complete in `.NAME.replaced-PID`: that one is put back.
+    """
+    for kind in ("replaced", "partial"):
+        for stale in out_dir.parent.glob(f".{out_dir.name}.{kind}-*"):
+            pid = stale.name.rpartition("-")[2]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue  # not hubmerge's, or (pid reused by another program) left alone
+            if kind == "replaced" and not out_dir.exists():
+                stale.rename(out_dir)
+            else:
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process holds the lock: a folder with its pid is an old one's
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

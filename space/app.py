@@ -20,8 +20,8 @@ from gradio.utils import get_space
 
 from hubmerge import space
 from hubmerge.config import MergeConfig, loads_config
-from hubmerge.errors import HubmergeError
-from hubmerge.hub import publish
+from hubmerge.errors import HubmergeError, TokenError
+from hubmerge.hub import publish, scrub
 from hubmerge.plan import recipe_yaml
 
 #: Waiting merges beyond this are turned away: each holds a visitor's page open for minutes.
@@ -36,10 +36,23 @@ METHODS = [
     ("Block expansion", "block_expansion"),
     ("NER", "ner"),
     ("OLM", "olm"),
+    # mergekit's methods, computed by mergekit (the `mergekit` extra); others: edit the YAML.
+    ("SLERP", "slerp"),
+    ("TIES", "ties"),
+    ("DARE TIES", "dare_ties"),
+    ("Task arithmetic", "task_arithmetic"),
+    ("Weighted average", "linear"),
 ]
+#: The methods the mergekit form (a base model, models with weights, slerp's `t`) writes.
+MERGEKIT_FORMS = ("slerp", "ties", "dare_ties", "task_arithmetic", "linear")
+MERGEKIT_HEADERS = ["model", "weight", "density (TIES, DARE)"]
 DTYPES = [("as the models", ""), *((d, d) for d in ("bfloat16", "float16", "float32"))]
 SLICE_HEADERS = ["model", "from layer", "to layer (exclusive)", "scale"]
-DATASET_HEADERS = ["dataset (JSON file)", "mode: exact, bigram or quality", "samples"]
+DATASET_HEADERS = [
+    "dataset (hf://datasets/ORG/NAME/FILE.json, or a local file when self-hosted)",
+    "mode: exact, bigram or quality",
+    "samples",
+]
 PLAN_HEADERS = ["output layer", "source model", "source layer", "scales"]
 
 #: The form's fields before a config fills them.
@@ -60,6 +73,9 @@ FORM_DEFAULTS: dict[str, Any] = {
     "datasets": [["", "exact", ""]],
     "direction": "backward",
     "samples": 200,
+    "mk_base": "",
+    "mk_models": [["", "", ""]],
+    "mk_t": "0.5",
     "dtype": "",
 }
 #: The config keys each method's form fields write; other keys in the editor are kept as they are.
@@ -68,7 +84,7 @@ FORM_KEYS = {
     "block_expansion": {"model", "append", "interleave", "zero"},
     "ner": {"base_model", "models", "granularity", "normalize", "embeddings"},
     "olm": {"models", "base_model", "dataset", "direction", "samples"},
-}
+} | dict.fromkeys(MERGEKIT_FORMS, {"base_model", "models", "parameters"})
 
 
 def _seed_004() -> dict[str, Any]:
@@ -106,13 +122,23 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "merge_method": "olm",
         "base_model": "Qwen/Qwen2.5-7B",
         "models": ["Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-Math-7B", "Qwen/Qwen2.5-Coder-7B"],
+        # Files in a Hub dataset repo: what a shared Space reads (never files on the server).
         "dataset": {
-            "math.json": {"mode": "exact"},
-            "chat.json": {"mode": "bigram"},
-            "writing.json": {"mode": "quality"},
+            "hf://datasets/your-org/olm-datasets/math.json": {"mode": "exact"},
+            "hf://datasets/your-org/olm-datasets/chat.json": {"mode": "bigram"},
+            "hf://datasets/your-org/olm-datasets/writing.json": {"mode": "quality"},
         },
         "direction": "backward",
         "samples": 200,
+        "dtype": "bfloat16",
+    },
+    "TIES": {
+        "merge_method": "ties",
+        "base_model": "Qwen/Qwen2.5-7B",
+        "models": [
+            {"model": "Qwen/Qwen2.5-7B-Instruct", "parameters": {"weight": 0.6, "density": 0.5}},
+            {"model": "Qwen/Qwen2.5-Math-7B", "parameters": {"weight": 0.4, "density": 0.5}},
+        ],
         "dtype": "bfloat16",
     },
 }
@@ -237,6 +263,21 @@ def form_config(values: Mapping[str, Any]) -> dict[str, Any]:
         }
         data["direction"] = values["direction"]
         data["samples"] = _int(values["samples"])
+    elif method in MERGEKIT_FORMS:
+        base = values["mk_base"].strip()
+        if base and method != "linear":  # a weighted average has no base model
+            data["base_model"] = base
+        data["models"] = []
+        for model, weight, density in (row[:3] for row in _rows(values["mk_models"])):
+            parameters = {}
+            if method != "slerp" and (setting := parse_scale(weight)) is not None:
+                parameters["weight"] = setting
+            if method in ("ties", "dare_ties") and (setting := parse_scale(density)) is not None:
+                parameters["density"] = setting
+            entry: dict[str, Any] = {"model": str(model).strip()}
+            data["models"].append(entry | ({"parameters": parameters} if parameters else {}))
+        if method == "slerp":
+            data["parameters"] = {"t": parse_scale(values["mk_t"])}
     if values["dtype"]:
         data["dtype"] = values["dtype"]
     return data
@@ -287,12 +328,40 @@ def config_form(config: MergeConfig) -> dict[str, Any]:
             [name, spec["mode"], spec.get("samples", "")] for name, spec in data["dataset"].items()
         ]
         values |= {"direction": data["direction"], "samples": data["samples"]}
+    elif method in MERGEKIT_FORMS and "models" in data:  # a selection `linear` has slices
+        values["mk_base"] = data.get("base_model", "")
+        values["mk_models"] = [
+            [
+                m["model"],
+                scale_text(m.get("parameters", {}).get("weight")),
+                scale_text(m.get("parameters", {}).get("density")),
+            ]
+            for m in data["models"]
+            if m["model"] != data.get("base_model")
+        ]
+        values["mk_t"] = scale_text(data.get("parameters", {}).get("t"))
     else:
         raise HubmergeError(f"merge_method {method}: the form has no fields for it; edit the YAML")
     return values
 
 
 # -- messages ---------------------------------------------------------------------------------
+
+
+def add_slice(table: Any) -> list[list[Any]]:
+    """The slice table with one more row: the last row's model, from where it stops."""
+    rows = _rows(table)
+    if not rows:
+        return [["", 0, 1, ""]]
+    model, end = rows[-1][0], _int(rows[-1][2])
+    start = end if isinstance(end, int) else 0
+    return [*rows, [model, start, start + 1, ""]]
+
+
+def remove_slice(table: Any) -> list[list[Any]]:
+    """The slice table without its last row (one empty row stays, to fill in)."""
+    rows = _rows(table)[:-1]
+    return rows or [["", 0, 1, ""]]
 
 
 def _escape(text: str) -> str:
@@ -307,8 +376,7 @@ def error_status(error: BaseException, secret: str = "") -> str:
     else:  # a bug: the details go to the server's log, the page gets the gist
         traceback.print_exception(error)
         message = f"unexpected {type(error).__name__}: {error}"
-    if secret:
-        message = message.replace(secret, "***")
+    message = scrub(message, secret)
     return f"<div class='status-error'>\n\n**Error:** {_escape(message)}\n\n</div>"
 
 
@@ -322,21 +390,38 @@ def ok_status(message: str) -> str:
 def validate(text: str) -> tuple[str, list[list[str]]]:
     """Check the config and the models' configs; the layer map where it is known already."""
     try:
-        config = space.read_config_text(text)
-        result = space.preview(config)
+        result = space.check(text)  # in a subprocess with its own time and memory budget
     except Exception as e:
         return error_status(e), []
-    layers = {ref: s.num_layers for ref, s in result.sources.items()}
-    models = ", ".join(f"`{ref}` ({n} layers)" for ref, n in layers.items())
-    if result.plan is None:
+    models = ", ".join(f"`{ref}` ({n} layers)" for ref, n in result.layers.items())
+    if result.parameters is not None:
+        tables = "\n\n".join(_markdown_table(table) for table in result.parameters)
         return ok_status(
-            f"Valid {config.merge_method} config: {models}. This method chooses each layer while "
+            f"Valid {result.method} config: {result.depth} layers from {models}, computed by "
+            "mergekit: each tensor blends the models' tensors, with these parameters.\n\n"
+            + tables
+        ), []
+    if result.rows is None:
+        return ok_status(
+            f"Valid {result.method} config: {models}. This method chooses each layer while "
             "merging, so its layer map comes with the model card."
         ), []
     return ok_status(
-        f"Valid: {len(result.plan.layers)} layers from {models}. Planned from the models' "
+        f"Valid: {result.depth} layers from {models}. Planned from the models' "
         "`config.json` files alone; scales are resolved per tensor when merging."
-    ), [list(row) for row in result.plan.rows()]
+    ), [list(row) for row in result.rows]
+
+
+def _markdown_table(table: Mapping[str, Any]) -> str:
+    """A parameter table (`mergekit_run.parameter_tables`) as Markdown, every cell escaped."""
+    lines = [
+        f"**{_escape(table['title'])}**",
+        "",
+        "| " + " | ".join(_escape(c) for c in table["columns"]) + " |",
+        "|" + "---|" * len(table["columns"]),
+    ]
+    lines += ["| " + " | ".join(_escape(c) for c in row) + " |" for row in table["rows"]]
+    return "\n".join(lines)
 
 
 def merge_model(
@@ -345,13 +430,15 @@ def merge_model(
     previous: str | None,
     progress: gr.Progress = gr.Progress(),  # noqa: B008 - how gradio hands a handler its bar
 ) -> Iterator[tuple[Any, ...]]:
-    """Merge on a worker thread, streaming its log; then the card, the files and the model.
+    """Merge in a subprocess, streaming its log; then the card, the files and the model.
 
     Yields (status, log, card, files, model folder). A visitor keeps one model: the previous
-    one's folder is removed when the next merge starts.
+    one's folder is removed when the next merge starts. The config is checked first, without
+    waiting for the merges before it (they take turns: `space.JOB_SLOTS`).
     """
     space.discard(previous)
     try:
+        space.check(text)
         job = space.MergeJob(space.read_config_text(text), name)
     except Exception as e:
         yield error_status(e), "", "", None, None
@@ -406,6 +493,13 @@ def publish_model(
         repo_id = f"{profile.username}/{repo_id}"
     try:
         result = publish(model_dir, repo_id, private=private, token=token)
+    except TokenError:  # the CLI's advice (`hf auth login`, --token) means nothing on a page
+        return error_status(
+            HubmergeError(
+                f"{repo_id}: the Hub refused the token (401: invalid or expired): sign in with "
+                "Hugging Face again, or paste a token with write access"
+            )
+        )
     except Exception as e:
         return error_status(e, secret=token)
     visibility = "private" if private else "public"
@@ -424,8 +518,9 @@ def build_demo() -> gr.Blocks:
     with gr.Blocks(title="hubmerge", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
             "# hubmerge\nCompose a model from other models' layers: scaled passthrough "
-            "(mergekit YAML as is), block expansion (LLaMA Pro), NER or OLM layer selection. "
-            "Check the plan, merge, read the model card, publish to the Hub."
+            "(mergekit YAML as is), block expansion (LLaMA Pro), NER or OLM layer selection; "
+            "or blend them with mergekit's methods (SLERP, TIES, DARE, task arithmetic, any "
+            "mergekit YAML). Check the plan, merge, read the model card, publish to the Hub."
             + (
                 "\n\nThis shared Space merges public Hub models (`ORG/NAME`), one merge at a time."
                 if shared
@@ -448,6 +543,9 @@ def build_demo() -> gr.Blocks:
                         interactive=True,
                         label="Slices, stacked in order",
                     )
+                    with gr.Row():
+                        add_row = gr.Button("Add slice", size="sm", variant="secondary")
+                        remove_row = gr.Button("Remove last slice", size="sm", variant="secondary")
                     gr.Markdown(
                         "Scale: a number, a gradient `[0.5, 1]`, or rules "
                         "`o_proj=1.5, down_proj=1.5, 1.0` (the first matching name wins)."
@@ -510,6 +608,31 @@ def build_demo() -> gr.Blocks:
                         fields["samples"] = gr.Number(
                             start["samples"], precision=0, minimum=1, label="Samples"
                         )
+                mergekit_form = start["method"] in MERGEKIT_FORMS
+                with gr.Column(visible=mergekit_form) as groups["mergekit"]:
+                    fields["mk_base"] = gr.Textbox(
+                        start["mk_base"],
+                        label="Base model (not for a weighted average)",
+                        placeholder="ORG/NAME",
+                    )
+                    fields["mk_models"] = gr.Dataframe(
+                        start["mk_models"],
+                        headers=MERGEKIT_HEADERS,
+                        datatype=["str", "str", "str"],
+                        type="array",
+                        column_count=3,
+                        interactive=True,
+                        label="Models merged with the base",
+                    )
+                    fields["mk_t"] = gr.Textbox(
+                        start["mk_t"],
+                        label="SLERP t: 0 is the base, 1 the other model",
+                    )
+                    gr.Markdown(
+                        "Computed by mergekit. A value is a number, a gradient over the layers "
+                        "`[0, 0.5, 1]`, or rules `self_attn=[0, 1], mlp=[1, 0], 0.5`. Other "
+                        "mergekit methods (della, model_stock, breadcrumbs, ...): edit the YAML."
+                    )
                 fields["dtype"] = gr.Dropdown(DTYPES, value=start["dtype"], label="Output dtype")
             with gr.Column(scale=4):
                 gr.Markdown("### Config (YAML)")
@@ -580,25 +703,36 @@ def build_demo() -> gr.Blocks:
                 to_yaml, [*components, editor], editor, queue=False, api_visibility="private"
             )
         fields["method"].change(
-            lambda m: [gr.update(visible=m == k) for k in groups],
+            lambda m: [
+                gr.update(visible=m == k or (k == "mergekit" and m in MERGEKIT_FORMS))
+                for k in groups
+            ],
             fields["method"],
             list(groups.values()),
             queue=False,
             api_visibility="private",
         )
+        for button, edit in ((add_row, add_slice), (remove_row, remove_slice)):
+            button.click(
+                edit, fields["slices"], fields["slices"], queue=False, api_visibility="private"
+            ).then(to_yaml, [*components, editor], editor, queue=False, api_visibility="private")
         load.click(to_form, editor, [*components, status], api_name="load_yaml")
         for example, button in example_buttons.items():
             text = recipe_yaml(EXAMPLES[example])
             button.click(
                 lambda t=text: t, None, editor, queue=False, api_visibility="private"
             ).then(to_form, editor, [*components, status], api_visibility="private")
-        validate_button.click(validate, editor, [status, plan], api_name="validate")
+        validate_button.click(
+            validate, editor, [status, plan], api_name="validate", concurrency_limit=4
+        )
         merge_button.click(
             merge_model,
             [editor, name, model_dir],
             [merge_status, log, card, files, model_dir],
             api_name="merge",
-            concurrency_id="merge",
+            # Every waiting visitor's config is checked at once; the merges themselves take
+            # turns inside (`space.JOB_SLOTS`), each with its own time and memory budget.
+            concurrency_limit=QUEUE_SIZE,
             # The bar goes where the files will be, so the log stays readable while it streams.
             show_progress_on=files,
         )

@@ -1,7 +1,7 @@
 """A small Hub-compatible HTTP server, so publishing is tested with the real huggingface_hub client.
 
-It implements what `create_repo`, `create_branch`, `repo_info`, `list_repo_files` and
-`upload_folder` (without Xet) call, and keeps what it receives in memory: repos, their branches
+It implements what `whoami`, `create_repo`, `create_branch`, `repo_info`, `list_repo_files`
+and `upload_folder` (without Xet) call, and keeps what it receives in memory: repos, their branches
 and pull requests, and every file's bytes. Every file is answered `uploadMode: regular` at
 preupload, so contents arrive base64 in the NDJSON commit and no LFS or Xet storage is needed.
 `fail()` makes the next requests to a path answer an error, to test retries and error messages.
@@ -39,6 +39,7 @@ _REV = r"(?P<rev>[^/]+)"
 #: (method, path pattern, handler name): the endpoints the upload path of huggingface_hub uses.
 ROUTES = [
     ("POST", r"/api/repos/create", "create_repo"),
+    ("GET", r"/api/whoami-v2", "whoami"),
     ("POST", r"/api/validate-yaml", "validate_yaml"),
     ("GET", rf"/api/models/{_REPO}", "repo_info"),
     ("GET", rf"/api/models/{_REPO}/revision/{_REV}", "repo_info"),
@@ -143,6 +144,10 @@ class HubServer:
         return [p for m, p in self.requests if method in (None, m)]
 
     # -- one method per route: each takes the request and returns the JSON answer -------------
+
+    def whoami(self, request: _Request) -> dict[str, Any]:
+        """Who the token belongs to (reached only with the token: a wrong one is 401)."""
+        return {"type": "user", "name": "tester", "auth": {"type": "access_token"}}
 
     def create_repo(self, request: _Request) -> dict[str, Any]:
         body = request.json()

@@ -27,7 +27,7 @@ def test_expanded_model_computes_the_same_function(
     assert result.exit_code == 0, result.output
 
     out_config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert out_config["num_hidden_layers"] == 6 if "interleave" in pattern else 7
+    assert out_config["num_hidden_layers"] == (6 if "interleave" in pattern else 7)
     if "layer_types" in out_config:
         assert len(out_config["layer_types"]) == out_config["num_hidden_layers"]
     torch.testing.assert_close(

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from huggingface_hub import ModelCard
 
@@ -20,7 +21,7 @@ from hubmerge.card.results import load_results
 from hubmerge.config import OlmConfig
 from hubmerge.merge import PLANNERS
 from hubmerge.plan import EdgePlan, LayerPlan, MergePlan
-from tests.helpers import run_cli, write_yaml
+from tests.helpers import run_cli, tensors, write_yaml
 
 GOLDEN = Path(__file__).parent / "golden"
 LEADERBOARD = Path(__file__).parent / "data" / "lm_eval_leaderboard.json"
@@ -196,8 +197,9 @@ def test_card_parses_and_metadata_round_trips(local: Callable[[str], str]) -> No
     assert str(again) == text
     data = card.data
     assert data.library_name == "transformers" and data.pipeline_tag == "text-generation"
-    assert data.tags == ["merge", "hubmerge", "passthrough"]
-    assert data.license == "other" and data.base_model is None  # local donors only
+    # `mergekit`: the recipe is a mergekit config (people find merges by the tag on the Hub).
+    assert data.tags == ["merge", "mergekit", "hubmerge", "passthrough"]
+    assert data.license is None and data.base_model is None  # local donors only, no license
     # model-index parses back into exactly the EvalResults the results files give.
     assert data.model_name == "out"
     expected = load_results([LEADERBOARD, ZOO_RESULTS]).eval_results()
@@ -300,9 +302,17 @@ def test_base_model_lists_only_hub_donors_and_license_is_inherited(
     assert data.base_model_relation == "merge"
     assert data.license == "apache-2.0" and data.language == ["en"]
 
+    # No common license: no `license` at all (never `other` without its name and link), and the
+    # card says so in words.
     Path("mine/README.md").write_text("---\nlicense: mit\n---\n")
-    assert card_of(merge(passthrough(hub_a, "mine"), "mixed")).data.license == "other"
-    assert card_of(merge(passthrough(hub_a, local("llama")), "unknown")).data.license == "other"
+    mixed = card_of(merge(passthrough(hub_a, "mine"), "mixed"))
+    assert "license" not in mixed.data.to_dict() and "license:" not in mixed.content
+    assert "The license of this model is unknown" in mixed.text
+    unknown = card_of(merge(passthrough(hub_a, local("llama")), "unknown"))
+    assert unknown.data.license is None and "license of this model is unknown" in unknown.text
+    Path("mine/README.md").write_text("---\nlicense: other\nlicense_name: custom\n---\n")
+    other = card_of(merge(passthrough("mine"), "custom"))
+    assert other.data.license is None and "license of this model is unknown" in other.text
     config = passthrough(hub_a, "mine", hub={"license": "cc-by-4.0", "language": "fr"})
     data = card_of(merge(config, "configured")).data
     assert data.license == "cc-by-4.0" and data.language == "fr"
@@ -403,9 +413,19 @@ def test_card_path_imports_neither_torch_nor_transformers(local: Callable[[str],
 
 
 def test_recipe_in_the_card_rebuilds_the_model(local: Callable[[str], str]) -> None:
+    """The YAML a reader copies from the card, merged again, gives the same tensors."""
     out = merge(passthrough(local("llama"), local("llama_b")))
     recipe = yaml.safe_load((out / "README.md").read_text().split("```yaml\n")[1].split("```")[0])
-    assert recipe == yaml.safe_load((out / "mergekit_config.yml").read_text())
+    rebuilt = merge(recipe, "rebuilt")
+    original, again = tensors(out), tensors(rebuilt)
+    assert sorted(original) == sorted(again)
+    for name, tensor in original.items():
+        assert torch.equal(tensor, again[name]), name
+    # The scaled slice really is scaled: the rebuild did not just copy one donor.
+    assert not torch.equal(
+        again["model.layers.2.self_attn.o_proj.weight"],
+        tensors(Path(local("llama_b")))["model.layers.2.self_attn.o_proj.weight"],
+    )
 
 
 def test_golden_ner_card(
@@ -422,3 +442,52 @@ def test_golden_ner_card(
     text = (out / "README.md").read_text()
     assert "![NER per layer and model](ner_heatmap.png)" in text
     assert_golden(text, "ner.md")
+
+
+def test_ner_scores_show_enough_digits_to_tell_the_winner(
+    local: Callable[[str], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NER margins can be 1e-7: the bold winner must not print the same number as the loser."""
+    monkeypatch.setenv("HUBMERGE_CACHE", str(tmp_path / "cache"))
+    config = {
+        "merge_method": "ner",
+        "base_model": local("llama"),
+        "models": [local("llama"), local("llama_b")],
+    }
+    out = merge(config)
+    report_path = out / "ner_report.json"
+    report = json.loads(report_path.read_text())
+    for i, record in enumerate(report["layers"]):
+        winner, loser = (record["chosen"], *(m for m in report["models"] if m != record["chosen"]))
+        record["scores"][winner]["mean"] = 0.5123456 + 1e-7 + i * 0.1
+        record["scores"][loser]["mean"] = 0.5123456 + i * 0.1
+    report_path.write_text(json.dumps(report))
+    rows = [line for line in render_card(out).splitlines() if re.match(r"\| \d+ \| [*\d]", line)]
+    assert len(rows) == len(report["layers"])
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")[1:]]
+        bold = [c.strip("*") for c in cells if c.startswith("**")]
+        plain = [c for c in cells if not c.startswith("**")]
+        assert len(bold) == 1 and len(plain) == 1
+        assert float(bold[0]) > float(plain[0])  # readably different, the winner higher
+
+
+def test_the_layer_map_is_as_wide_as_its_longest_label(local: Callable[[str], str]) -> None:
+    """Long scale labels and module lists are not cut off at a fixed width."""
+    name = "a-model-with-a-rather-long-folder-name-" + "x" * 40
+    shutil.copytree(Path(local("llama")).resolve(), name)
+    scales = [{"filter": f, "value": 0.5} for f in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    config = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": name, "layer_range": [0, 4], "parameters": {"scale": scales}}]}
+        ],
+    }
+    svg = (merge(config) / "layer_map.svg").read_text()
+    width = int(re.search(r"<svg [^>]*width='(\d+)'", svg).group(1))
+    detail = next(
+        t for t in re.findall(r"<text x='(\d+)'[^>]*>([^<]*)</text>", svg) if "x0.5" in t[1]
+    )
+    # 11 px monospace: 0.6 em, 6.6 px a character.
+    assert int(detail[0]) + 6.6 * len(detail[1]) <= width
+    assert width > 520

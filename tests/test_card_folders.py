@@ -136,8 +136,8 @@ def test_a_broken_folder_does_not_hide_the_others(repo: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--all", "models", "models/expanded"], "no MODEL_DIR, --results or -o"),
-        (["--all", "models", "--results", "r.json"], "no MODEL_DIR, --results or -o"),
+        (["--all", "models", "models/expanded"], "no MODEL_DIR, --results, -o or --repo-id"),
+        (["--all", "models", "--results", "r.json"], "no MODEL_DIR, --results, -o or --repo-id"),
         ([], "give MODEL_DIR, or --all DIR"),
         (["--all", "nowhere"], "nowhere: no such folder"),
         (["--all", "."], "no model folders in it"),

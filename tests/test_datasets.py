@@ -183,3 +183,50 @@ def test_answer_without_prompt(tmp_path: Path) -> None:
 def test_malformed_records(tmp_path: Path, record: Any, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_conversations(write(tmp_path, [record]))
+
+
+RECORD = {"conversation": [turn("human", "add 1+2"), turn("gpt", "3")]}
+
+
+def hub_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, records: Any) -> str:
+    """`hf://datasets/acme/evals/data/add.json`, placed in an offline Hub cache."""
+    sha = "fedcba9876543210fedcba9876543210fedcba98"
+    repo = tmp_path / "hf" / "hub" / "datasets--acme--evals"
+    (repo / "snapshots" / sha / "data").mkdir(parents=True)
+    (repo / "snapshots" / sha / "data" / "add.json").write_text(json.dumps(records))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    return "hf://datasets/acme/evals/data/add.json"
+
+
+def test_a_dataset_from_a_hub_dataset_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ref = hub_dataset(tmp_path, monkeypatch, [RECORD])
+    (sample,) = load_conversations(ref)
+    assert sample.reference == RECORD["conversation"][-1]["value"]
+    with pytest.raises(ConfigError, match="hf://datasets/acme/evals/data/missing.json: not in"):
+        load_conversations("hf://datasets/acme/evals/data/missing.json")
+    with pytest.raises(ConfigError, match="expected hf://datasets/ORG/NAME/PATH"):
+        load_conversations("hf://datasets/acme/evals/../secret.json")
+
+
+def test_datasets_are_size_bounded_before_they_are_read_or_downloaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ref = hub_dataset(tmp_path, monkeypatch, [RECORD] * 50)
+    monkeypatch.setattr("hubmerge.datasets.MAX_DATASET_BYTES", 1000)
+    with pytest.raises(ConfigError, match="more than the 1,000 a dataset may have"):
+        load_conversations(ref)
+
+    class Metadata:
+        size = 10**12
+
+    def download(*args: object, **kwargs: object) -> None:
+        raise AssertionError("downloaded a file over the limit")
+
+    monkeypatch.setattr("huggingface_hub.get_hf_file_metadata", lambda url: Metadata())
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", download)
+    with pytest.raises(ConfigError, match="1,000,000,000,000 bytes, more than the 1,000"):
+        load_conversations("hf://datasets/acme/huge/all.json")

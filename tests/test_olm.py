@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -55,10 +56,14 @@ def sliding_copy(name: str, folder: Path) -> str:
     return str(folder)
 
 
-@pytest.mark.parametrize("attention", ["full", "alternating"])
-def test_prefix_cached_scores_equal_full_evaluations(tmp_path: Path, attention: str) -> None:
-    """Scoring from the cached input of layer p gives what a whole forward pass gives, also
-    when each layer's attention mask depends on its index (sliding-window layers)."""
+@pytest.mark.parametrize(("attention", "order"), [("full", "forward"), ("alternating", "backward")])
+def test_prefix_cached_scores_equal_full_evaluations(
+    tmp_path: Path, attention: str, order: str
+) -> None:
+    """Scoring from the per-position caches gives bitwise what whole forward passes give, in
+    every mode (teacher forcing and generation from the shared prompt prefix), in either
+    order of positions, also when each layer's attention mask depends on its index
+    (sliding-window layers); a swap below the cached position makes the cache stale."""
     from hubmerge.datasets import load_conversations
     from hubmerge.methods.olm.evaluate import Limits, WorkingModel
 
@@ -70,6 +75,7 @@ def test_prefix_cached_scores_equal_full_evaluations(tmp_path: Path, attention: 
     samples = {
         "add": ("bigram", load_conversations(zoo.dataset_path("add", "selection"))[:10]),
         "sort": ("exact", load_conversations(zoo.dataset_path("sort", "selection"))[:10]),
+        "reverse": ("quality", load_conversations(zoo.dataset_path("reverse", "selection"))[:6]),
     }
     working = WorkingModel(
         base,
@@ -81,17 +87,25 @@ def test_prefix_cached_scores_equal_full_evaluations(tmp_path: Path, attention: 
     )
     with pytest.raises(ValueError, match="cache_prefix"):
         working.evaluate(start=1)  # no cached prefix for position 1 yet
-    for position in range(1, base.num_layers):
+    positions = list(range(1, base.num_layers))
+    for position in positions if order == "forward" else positions[::-1]:
         working.cache_prefix(position)
         working.load_layer(position, other, position)
         fast = working.evaluate(start=position)
         slow = working.evaluate()
-        for f, s in zip(fast, slow, strict=True):
-            assert f.value == pytest.approx(s.value, rel=1e-5)
-            assert f.tiebreak == pytest.approx(s.tiebreak, rel=1e-5)
+        assert fast == slow  # Score values and tie-breakers, bitwise
         working.load_layer(position, base, position)
-    depth = base.num_layers - 1
-    assert working.counters.prefix_evaluations == depth == working.counters.full_evaluations
+    assert (
+        working.counters.prefix_evaluations == len(positions) == working.counters.full_evaluations
+    )
+    assert working.counters.cache_seconds > 0
+
+    working.cache_prefix(2)
+    working.load_layer(1, other, 1)  # below the cached position: its inputs are stale now
+    with pytest.raises(ValueError, match="cache_prefix"):
+        working.evaluate(start=2)
+    working.cache_prefix(2)
+    assert working.evaluate(start=2) == working.evaluate()
 
 
 def test_zoo_run_end_to_end_is_deterministic_and_never_worse(tmp_path: Path) -> None:
@@ -265,3 +279,77 @@ def test_device_map_auto_gives_the_same_choices(tmp_path: Path) -> None:
     merge(parse_config(config, "cpu"), tmp_path / "cpu", device="cpu")
     merge(parse_config(config, "auto"), tmp_path / "auto", device="auto")
     assert report_without_timings(tmp_path / "auto") == report_without_timings(tmp_path / "cpu")
+
+
+def test_swaps_reach_layers_accelerate_offloaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`device: auto` for a model larger than its devices: accelerate keeps some layers'
+    weights off the device (here layers 1 and 3 on disk, their parameters placeholders on
+    `meta`); a swap there must reach the weights those layers run with."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
+
+    from hubmerge.datasets import load_conversations
+    from hubmerge.methods.olm.evaluate import Limits, WorkingModel
+
+    real = AutoModelForCausalLM.from_pretrained
+    offloaded = {"model.layers.1": "disk", "model.layers.3": "disk"}
+
+    def offloading(path: object, **kwargs: object) -> object:
+        assert kwargs.pop("device_map") == "auto"
+        others = ["model.embed_tokens", "model.layers.0", "model.layers.2", "model.norm"]
+        device_map = {name: "cpu" for name in [*others, "model.rotary_emb", "lm_head"]}
+        return real(path, device_map=device_map | offloaded, offload_folder=str(tmp_path), **kwargs)
+
+    sources = open_sources([str(zoo.model_path(m)) for m in ("tiny-base", "tiny-sort")])
+    base, other = sources.values()
+    samples = {
+        "sort": ("exact", load_conversations(zoo.dataset_path("sort", "selection"))[:8]),
+        "add": ("bigram", load_conversations(zoo.dataset_path("add", "selection"))[:8]),
+    }
+
+    def working(device: str) -> WorkingModel:
+        return WorkingModel(
+            base, samples, limits=Limits(None, 16, 1, 16), batch_size=4, device=device,
+            dtype=torch.float32,
+        )  # fmt: skip
+
+    plain = working("cpu")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", offloading)
+    spread = working("auto")
+    assert spread.model.model.layers[3].mlp.down_proj.weight.device.type == "meta"
+    assert spread.evaluate() == plain.evaluate()
+    for layer in (3, 2):  # offloaded, then resident
+        before = spread.evaluate()
+        for model in (plain, spread):
+            model.load_layer(layer, other, layer)
+        assert spread.evaluate() == plain.evaluate() != before
+
+
+def test_generation_uses_transformers_current_cache_api() -> None:
+    """Greedy decoding and OLM's generation (whole and from a position's cache) pass the KV
+    cache as `cache`: no FutureWarning about `past_key_values`, which transformers 5.40
+    removes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hubmerge.datasets import load_conversations
+    from hubmerge.generation import build_prompts, greedy_generate
+    from hubmerge.methods.olm.evaluate import Limits, WorkingModel
+
+    path = zoo.model_path("tiny-base")
+    items = load_conversations(zoo.dataset_path("sort", "selection"))[:4]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = AutoModelForCausalLM.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        answers = greedy_generate(model, tokenizer, build_prompts(tokenizer, items), 8)
+        (base,) = open_sources([str(path)]).values()
+        working = WorkingModel(
+            base, {"sort": ("exact", items)}, limits=Limits(None, 8, 1, 8), batch_size=4,
+            device="cpu", dtype=torch.float32,
+        )  # fmt: skip
+        working.cache_prefix(2)
+        assert working.evaluate(start=2) == working.evaluate()
+    assert len(answers) == 4 and working.counters.generated_tokens > 0
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tests.helpers import logits, run_cli, tensors, write_yaml
 
@@ -246,6 +247,53 @@ def test_hub_id_resolves_from_the_hub_cache(
     )
     result = run_cli("merge", missing, tmp_path / "out2")
     assert result.exit_code == 2 and "acme/absent: not in the local Hub cache" in result.output
+
+
+def test_recipe_pins_hub_donors_to_the_commit_read(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`mergekit_config.yml` names a Hub donor as `org/name@<commit>`, which rebuilds the model
+    after the donor moves on: hubmerge reads it back, and so does mergekit's own config parser.
+    """
+    sha = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = tmp_path / "hf" / "hub" / "models--acme--tiny"
+    shutil.copytree(models["llama"], repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    Path("llama").symlink_to(models["llama_b"])
+    config = write_yaml(
+        tmp_path / "c.yaml",
+        {
+            "merge_method": "passthrough",
+            "slices": [
+                {"sources": [{"model": "acme/tiny", "layer_range": [0, 2]}]},
+                {"sources": [{"model": "llama", "layer_range": [2, 4]}]},
+            ],
+            "base_model": "acme/tiny",
+        },
+    )
+    assert run_cli("merge", config, tmp_path / "out").exit_code == 0
+    recipe = yaml.safe_load((tmp_path / "out" / "mergekit_config.yml").read_text())
+    assert recipe["base_model"] == f"acme/tiny@{sha}"
+    assert [s["sources"][0]["model"] for s in recipe["slices"]] == [f"acme/tiny@{sha}", "llama"]
+
+    # The main branch moves on; the pinned recipe still reads the commit it names.
+    (repo / "refs" / "main").write_text("f" * 40)
+    result = run_cli("merge", tmp_path / "out" / "mergekit_config.yml", tmp_path / "again")
+    assert result.exit_code == 0, result.output
+    first, again = tensors(tmp_path / "out"), tensors(tmp_path / "again")
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[name], again[name]) for name in first)
+
+    from mergekit.config import MergeConfiguration
+
+    parsed = MergeConfiguration.model_validate(recipe)
+    references = {m.model.path: m.model.revision for m in parsed.referenced_models()}
+    assert references == {"acme/tiny": sha, "llama": None}
 
 
 def test_pickle_checkpoints_need_opt_in(models: dict[str, Path], tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import time
@@ -68,6 +69,35 @@ def test_publish_uploads_the_folder_byte_for_byte(
     assert result.frontmatter == {"license": "apache-2.0", "tags": ["merge", "hubmerge"]}
     assert len(stored.commits) == 1
     assert hub.unknown == []
+
+
+def test_no_path_user_or_environment_of_this_machine_reaches_the_hub(
+    model_dir: Path, hub: HubServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Every uploaded text file: the folder's own path, the home folder, lm-eval's records."""
+    home = tmp_path / "home" / "bob-k2"
+    monkeypatch.setenv("HOME", str(home))
+    folder = model_dir.absolute()
+    (model_dir / "notes.md").write_text(f"merged in {folder}, donors in {home}/models.\n")
+    results = json.loads((Path(__file__).parent / "data" / "lm_eval_leaderboard.json").read_text())
+    results["config"]["model"] = f"{home}/merges/model"
+    results["pretty_env_info"] = "Linux bob-k2 6.1, pip list: torch==2.13 ..."
+    (model_dir / "results").mkdir()
+    (model_dir / "results" / "leaderboard.json").write_text(json.dumps(results))
+    vocabulary = json.dumps({f"{home}/x": 0, "hello": 1})  # tokens stay tokens
+    (model_dir / "vocab.json").write_text(vocabulary)
+    publish(model_dir, "org/clean", endpoint=hub.url)
+
+    stored = hub.repos["org/clean"].files
+    assert stored["notes.md"] == b"merged in model, donors in ~/models.\n"
+    shared = json.loads(stored["results/leaderboard.json"])
+    assert "pretty_env_info" not in shared and shared["config"]["model"] == "model"
+    assert shared["results"] == results["results"]  # every number the card reads, as it was
+    assert stored["vocab.json"] == vocabulary.encode()
+    for name, data in stored.items():
+        if name != "vocab.json":
+            assert b"bob-k2" not in data and str(tmp_path).encode() not in data, name
+    assert "bob-k2" in (model_dir / "results" / "leaderboard.json").read_text()  # kept locally
 
 
 def test_cli_publish_prints_the_url_and_makes_private_repos(
@@ -154,8 +184,48 @@ def test_transient_failures_are_retried(model_dir: Path, hub: HubServer, path: s
 def test_retries_are_bounded(model_dir: Path, hub: HubServer) -> None:
     hub.fail("/commit/", 502, times=100)
     line = error_line(run_cli("publish", model_dir, "--repo-id", "org/down", "--token", TOKEN))
-    assert "kept failing (HTTP 502, 4 tries)" in line and "resumes" in line
-    assert sum("/commit/" in p for p in hub.paths()) == 4
+    assert "kept failing (HTTP 502, 6 tries)" in line and "resumes" in line
+    assert sum("/commit/" in p for p in hub.paths()) == 6
+
+
+def test_one_retry_layer_with_one_line_per_retry(
+    model_dir: Path,
+    hub: HubServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Preupload is retried by huggingface_hub itself: hubmerge does not retry it again, and
+    the client's two lines per retry become hubmerge's one, with the documented waits.
+    """
+    waits: list[float] = []
+    monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", waits.append)
+    hub.fail("/preupload/", 500, times=10)
+    result = run_cli("publish", model_dir, "--repo-id", "org/down")
+    assert result.exit_code == 2
+    assert sum("/preupload/" in p for p in hub.paths()) == 6  # 1 try + 5 retries, not 6 x 6
+    retries = [line for line in result.output.splitlines() if "retrying" in line]
+    assert retries == [
+        f"org/down: HTTP 500 (try {n} of 6); retrying in {wait}s"
+        for n, wait in enumerate((1, 2, 4, 8, 8), start=1)
+    ]
+    assert waits == [1, 2, 4, 8, 8]
+    assert "kept failing (HTTP 500, 6 tries)" in result.output.splitlines()[-1]
+    logged = capfd.readouterr().err + caplog.text
+    assert "Retrying in" not in logged and "thrown while requesting" not in logged
+
+
+def test_unchanged_is_said_once(
+    model_dir: Path,
+    hub: HubServer,
+    capfd: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    assert run_cli("publish", model_dir, "--repo-id", "org/same").exit_code == 0
+    result = run_cli("publish", model_dir, "--repo-id", "org/same")
+    assert result.exit_code == 0 and "unchanged" in result.output
+    logged = result.output + capfd.readouterr().err + caplog.text
+    assert "No files have been modified" not in logged
 
 
 def test_unreachable_hub_is_retried_then_reported(
@@ -165,7 +235,7 @@ def test_unreachable_hub_is_retried_then_reported(
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
-    with pytest.raises(HubError, match=r"kept failing \(ConnectError.*4 tries\)"):
+    with pytest.raises(HubError, match=r"kept failing \(ConnectError.*6 tries\)"):
         publish(model_dir, "org/nowhere")
 
 

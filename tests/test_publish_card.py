@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 from hubmerge.hub import publish
 from hubmerge.merge import merge
@@ -118,7 +119,11 @@ def test_trusted_publishing_exchanges_the_ci_identity(
 
     result = run_cli("publish", model_dir, "--repo-id", repo, "--oidc")
     assert result.exit_code == 0, result.output
-    assert hub.repos[repo].files == published_files(model_dir)
+    stored = dict(hub.repos[repo].files)
+    assert f'model_id = "{repo}"'.encode() in stored.pop("README.md")  # the card for the repo
+    expected = published_files(model_dir)
+    del expected["README.md"]
+    assert stored == expected
     assert "/oauth/token" in hub.paths("POST")
     assert TOKEN not in result.output
     assert "HF_OIDC_RESOURCE" not in os.environ  # set for the exchange only
@@ -140,3 +145,57 @@ def test_trusted_publishing_errors_are_one_line(
 
     line = error_line(run_cli(*args, "--token", TOKEN))
     assert "--token and --oidc exclude each other" in line
+
+
+@pytest.fixture
+def unnamed(models: dict[str, Path], tmp_path: Path) -> Path:
+    """A merged model whose config names no repo: its card is for the folder's name."""
+    config = {"merge_method": "block_expansion", "model": str(models["llama"]), "append": 1}
+    out = merge(write_yaml(tmp_path / "u.yaml", config), tmp_path / "folder-name").out_dir
+    assert out is not None
+    return out
+
+
+def test_the_published_card_is_rendered_for_the_repo(unnamed: Path, hub: HubServer) -> None:
+    """`--repo-id` elsewhere than the card names: the card that reaches the Hub loads the model
+    from there; the folder's own card stays as it was.
+    """
+    on_disk = (unnamed / "README.md").read_text()
+    assert 'model_id = "folder-name"' in on_disk
+    result = run_cli("publish", unnamed, "--repo-id", "you/new-name")
+    assert result.exit_code == 0, result.output
+    card = hub.repos["you/new-name"].files["README.md"].decode()
+    assert card.startswith("---\n") and "\n# new-name\n" in card
+    assert 'model_id = "you/new-name"' in card and "folder-name" not in card
+    assert (unnamed / "README.md").read_text() == on_disk
+    # Published there again: the same card, so nothing changes.
+    assert "unchanged" in run_cli("publish", unnamed, "--repo-id", "you/new-name").output
+
+
+def test_dry_run_shows_the_metadata_of_the_card_for_the_repo(unnamed: Path, hub: HubServer) -> None:
+    """With results, the card's metadata names the model (model-index): the dry run shows the
+    metadata of the card that would be published, named for the repo.
+    """
+    (unnamed / "results").mkdir()
+    results = unnamed / "results" / "leaderboard.json"
+    results.write_bytes((Path(__file__).parent / "data" / "lm_eval_leaderboard.json").read_bytes())
+    assert run_cli("card", unnamed, "--results", results).exit_code == 0
+    result = run_cli("publish", unnamed, "--repo-id", "you/scored", "--dry-run")
+    assert result.exit_code == 0, result.output
+    metadata = yaml.safe_load(result.output.split("README.md metadata:")[1])
+    assert metadata["model-index"][0]["name"] == "you/scored"
+    assert hub.requests == []
+
+
+def test_a_card_for_another_model_that_cannot_be_rendered_again_is_refused(
+    unnamed: Path, hub: HubServer
+) -> None:
+    card = unnamed / "README.md"
+    card.write_text(card.read_text() + "\nWritten by hand.\n")
+    line = error_line(run_cli("publish", unnamed, "--repo-id", "you/x"))
+    assert "usage snippet loads 'folder-name', not you/x" in line
+    assert f"hubmerge card {unnamed} --repo-id you/x" in line
+    assert "you/x" not in hub.repos
+    assert run_cli("card", unnamed, "--repo-id", "you/x").exit_code == 0
+    assert run_cli("publish", unnamed, "--repo-id", "you/x").exit_code == 0
+    assert 'model_id = "you/x"' in hub.repos["you/x"].files["README.md"].decode()

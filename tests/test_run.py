@@ -35,13 +35,16 @@ def config(models: dict[str, Path], tmp_path: Path) -> Path:
 
 @pytest.fixture
 def evals(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    """lm-eval stood in for: "installed", and `run_eval` writing recorded zoo results."""
+    """lm-eval stood in for: "installed", its preflight passing, and `run_eval` writing recorded
+    zoo results (or `RESULTS_WRITER`'s)."""
     fake = types.ModuleType("lm_eval")
     fake.__spec__ = importlib.machinery.ModuleSpec("lm_eval", None)
     monkeypatch.setitem(sys.modules, "lm_eval", fake)
+    monkeypatch.setattr(hubmerge.evals, "preflight", lambda tasks, **_: None)
     calls: list[dict[str, Any]] = []
 
     def run_eval(model_dir: Path, tasks: list[str], *, output: Path, **options: Any) -> Path:
+        assert callable(options.pop("progress"))  # the CLI's progress bar
         calls.append({"tasks": list(tasks), **options})
         shutil.copyfile(ZOO_RESULTS, output)
         return output
@@ -114,9 +117,63 @@ def test_eval_results_reach_the_card_and_the_hub(
     ]
     out = Path("out").absolute()
     stored = hub.repos["org/run-merge"]
-    assert stored.files[EVAL_RESULTS] == ZOO_RESULTS.read_bytes()
+    # Published without lm-eval's record of this machine; the full file stays local.
+    assert (out / EVAL_RESULTS).read_bytes() == ZOO_RESULTS.read_bytes()
+    local, shared = json.loads(ZOO_RESULTS.read_text()), json.loads(stored.files[EVAL_RESULTS])
+    assert "pretty_env_info" in local and "pretty_env_info" not in shared
+    for key in ("results", "versions", "n-shot", "n-samples", "config", "date", "lm_eval_version"):
+        assert shared[key] == local[key], key
     assert stored.files["README.md"].decode() == render_card(out, results=[out / EVAL_RESULTS])
-    assert "model-index" in metadata_load(out / "README.md")
+    # The recorded results were limited to 8 documents per task: shown, not in model-index.
+    assert "limited to 8 documents per task" in stored.files["README.md"].decode()
+    assert "model-index" not in metadata_load(out / "README.md")
+
+
+def test_published_eval_results_name_nothing_of_this_machine(
+    config: Path,
+    hub: HubServer,
+    evals: list[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """lm-eval writes the model's path, its task files' paths and the machine's environment."""
+    home = tmp_path / "home" / "alice-w7"
+    monkeypatch.setenv("HOME", str(home))
+    tasks_dir = Path(hubmerge.evals.TASKS_DIR).absolute()
+
+    def like_lm_eval(model_dir: Path, tasks: list[str], *, output: Path, **_: Any) -> Path:
+        data = json.loads(ZOO_RESULTS.read_text())
+        data["config"] |= {"model": str(model_dir), "model_args": f"pretrained={model_dir},x=1"}
+        for name, task in data["configs"].items():
+            task["metadata"]["config_source"] = str(tasks_dir / f"{name}.yaml")
+            task["dataset_kwargs"] = {"data_files": {"test": str(home / "data" / "t.json")}}
+        data["pretty_env_info"] = f"user alice-w7, python {sys.prefix}, cwd {Path.cwd()}"
+        data["git_hash"] = "0123abc"
+        output.write_text(json.dumps(data, indent=2))
+        return output
+
+    monkeypatch.setattr(hubmerge.evals, "run_eval", like_lm_eval)
+    result = run_cli("run", config, "out", "--eval-preset", "zoo")
+    assert result.exit_code == 0, result.output
+
+    out = Path("out").absolute()
+    local = (out / EVAL_RESULTS).read_text()
+    assert str(out) in local and "alice-w7" in local and "0123abc" in local  # all kept here
+    stored = hub.repos["org/run-merge"]
+    for name, data in stored.files.items():
+        for secret in (str(tmp_path), "alice-w7", str(tasks_dir), sys.prefix, "0123abc"):
+            assert secret.encode() not in data, (name, secret)
+    shared = json.loads(stored.files[EVAL_RESULTS])
+    assert shared["config"]["model"] == "out"
+    assert shared["config"]["model_args"] == "pretrained=out,x=1"
+    zoo_add = shared["configs"]["hubmerge_zoo_add"]
+    assert zoo_add["metadata"]["config_source"] == "hubmerge/eval_tasks/hubmerge_zoo_add.yaml"
+    assert zoo_add["dataset_kwargs"]["data_files"]["test"] == "t.json"
+    # The card reads the same from the published copy as from the full file.
+    copy = tmp_path / "published" / EVAL_RESULTS
+    copy.parent.mkdir()
+    copy.write_bytes(stored.files[EVAL_RESULTS])
+    assert render_card(out, results=[out / EVAL_RESULTS]) == render_card(out, results=[copy])
 
 
 def test_a_failed_upload_resumes_without_merging_again(
@@ -196,7 +253,7 @@ def test_an_existing_folder_not_made_by_run_is_refused(config: Path, hub: HubSer
         ("", ["--push", "nope"], "expected ORG/NAME"),
         ("", ["--eval", "a", "--eval-preset", "zoo"], "not both"),
         ("", ["--eval-preset", "nope"], "unknown preset 'nope'"),
-        ("", ["--eval", "hubmerge_zoo_add"], "evaluating needs lm-eval"),
+        ("", ["--eval", "hubmerge_zoo_add"], "lm-eval is not installed (no module lm_eval)"),
     ],
 )
 def test_what_can_fail_fails_before_merging(
@@ -216,6 +273,40 @@ def test_what_can_fail_fails_before_merging(
     assert expected in error_line(run_cli("run", config, "out", *args))
     assert not Path("out").exists()
     assert hub.requests == []
+
+
+def test_a_refused_token_fails_before_merging(
+    config: Path, hub: HubServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The preflight asks the Hub who the token belongs to, so a bad token costs no merge."""
+    forbid_merging(monkeypatch)
+    line = error_line(run_cli("run", config, "out", "--token", "hf_NotTheToken"))
+    assert "org/run-merge: the Hub refused the token (401" in line
+    assert "hf_NotTheToken" not in line
+    assert not Path("out").exists()
+    assert hub.paths() == ["/api/whoami-v2"]
+
+
+def test_ctrl_c_says_what_was_kept_and_the_same_command_resumes(
+    config: Path, hub: HubServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hubmerge.card
+
+    def interrupt(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(hubmerge.card, "write_card", interrupt)
+        result = run_cli("run", config, "out")
+    assert result.exit_code == 130
+    assert result.output.strip().splitlines()[-1] == (
+        "interrupted: the finished stages (merge) are kept in out; run the same command "
+        "again to resume after them"
+    )
+    forbid_merging(monkeypatch)
+    again = run_cli("run", config, "out")
+    assert again.exit_code == 0, again.output
+    assert "merge: done in an earlier run" in again.output and "org/run-merge" in hub.repos
 
 
 def test_without_a_repo_run_stops_at_the_card(

@@ -190,7 +190,7 @@ def test_the_space_folder_is_ready_to_push() -> None:
     assert len(meta["short_description"]) <= 60
     assert {"title", "emoji", "colorFrom", "colorTo", "license"} <= set(meta)
     requirements = (ROOT / "space" / "requirements.txt").read_text().splitlines()
-    assert "hubmerge[space]" in requirements
+    assert "hubmerge[space,mergekit]" in requirements
 
 
 # -- the API, as gradio_client calls it ---------------------------------------------------------

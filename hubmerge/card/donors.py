@@ -47,10 +47,10 @@ class Donor:
 def describe(source: ModelSource) -> Donor:
     """The card's view of an opened source: its name, Hub origin and its own card's metadata."""
     hub = is_hub_id(source.ref)
-    meta = _card_metadata(source.path / "README.md")
+    meta = _card_metadata(source.file("README.md") or source.path / "README.md")
     bases = meta.get("base_model")
     return Donor(
-        name=source.ref.partition("@")[0] if hub else source.path.resolve().name,
+        name=source.name,
         hub=hub,
         revision=source.path.name if hub else None,
         license=meta.get("license") if isinstance(meta.get("license"), str) else None,
@@ -95,7 +95,7 @@ def _card_metadata(readme: Path) -> dict[str, Any]:
     """A README's YAML front matter; empty when there is none or it does not parse.
 
     A donor's broken card must not stop a merge: its license and lineage are then unknown, which
-    the card reports as such (license `other`, no lineage).
+    the card reports as such (license unknown, no lineage).
     """
     try:
         data = metadata_load(readme)

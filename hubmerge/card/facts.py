@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -20,6 +20,7 @@ from hubmerge.card.donors import Donor, load_donors
 from hubmerge.config import MergeConfig, parse_config
 from hubmerge.errors import CardError, HubmergeError
 from hubmerge.merge import CONFIG_FILE, PLAN_FILE, RECIPE_FILE
+from hubmerge.methods.mergekit_run import REPORT_FILE as MERGEKIT_REPORT_FILE
 from hubmerge.methods.ner import HEATMAP_FILE as NER_HEATMAP_FILE
 from hubmerge.methods.ner import REPORT_FILE as NER_REPORT_FILE
 from hubmerge.methods.olm.report import REPORT_FILE as OLM_REPORT_FILE
@@ -56,23 +57,7 @@ class Namer:
 
     def plan(self, plan: MergePlan) -> MergePlan:
         """`plan` with every model reference renamed, so its rows print publishable names."""
-        name = self.model
-        return replace(
-            plan,
-            layers=[
-                replace(
-                    layer,
-                    model=name(layer.model),
-                    overrides={s: (name(m), i) for s, (m, i) in layer.overrides.items()},
-                )
-                for layer in plan.layers
-            ],
-            embed=replace(plan.embed, model=name(plan.embed.model)),
-            head=replace(plan.head, model=name(plan.head.model)),
-            donor=name(plan.donor),
-            tokenizer=name(plan.tokenizer),
-            models=[name(m) for m in plan.models],
-        )
+        return plan.renamed(self.model)
 
     def public(self, value: Any) -> Any:
         """`value` (YAML/JSON data) with every model reference and outside path renamed."""
@@ -103,6 +88,8 @@ class ModelFacts:
     olm_report: dict[str, Any] | None
     ner_report: dict[str, Any] | None
     ner_heatmap: bool
+    #: mergekit's method (name, paper, version) when mergekit computed the weights.
+    mergekit_report: dict[str, Any] | None = None
 
     @property
     def namer(self) -> Namer:
@@ -133,6 +120,7 @@ def read_facts(folder: Path, name: str | None = None) -> ModelFacts:
         olm_report=_json(folder, OLM_REPORT_FILE),
         ner_report=_json(folder, NER_REPORT_FILE),
         ner_heatmap=(folder / NER_HEATMAP_FILE).is_file(),
+        mergekit_report=_json(folder, MERGEKIT_REPORT_FILE),
     )
 
 

@@ -24,7 +24,12 @@ PALETTE = (
     "#9c755f",
     "#bab0ac",
 )
-_ROW, _LABEL, _BAR, _WIDTH, _FONT = 16, 44, 56, 520, "font-family='monospace' font-size='11'"
+_ROW, _BAR, _FONT = 16, 56, "font-family='monospace' font-size='11'"
+#: The fill of a row whose tensors come from several models (a blend).
+_MIXED = "#d9d9d9"
+#: Width of one character of the 11 px monospace font (0.6 em, rounded up): the picture is
+#: sized to its longest text, so no label or module list is cut off.
+_CHAR = 7
 
 
 def layer_map_svg(rows: Sequence[tuple[str, str, str, str]], donors: Sequence[str]) -> str:
@@ -32,27 +37,32 @@ def layer_map_svg(rows: Sequence[tuple[str, str, str, str]], donors: Sequence[st
     colour = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(donors)}
     top = (len(donors) + 1) * _ROW  # the legend, a row per donor, then a blank row
     height = top + len(rows) * _ROW + 4
+    details = [donor if scales == "1.0" else f"{donor}  {scales}" for _, donor, _, scales in rows]
+    label = 8 + _CHAR * max((len(output) for output, *_ in rows), default=0)
+    width = 8 + max(
+        [22 + _CHAR * len(name) for name in donors]
+        + [label + _BAR + 6 + _CHAR * len(detail) for detail in details]
+    )
     parts = [
-        f"<svg xmlns='http://www.w3.org/2000/svg' width='{_WIDTH}' height='{height}' "
-        f"viewBox='0 0 {_WIDTH} {height}' {_FONT}>",
-        f"<rect width='{_WIDTH}' height='{height}' fill='#ffffff'/>",
+        f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
+        f"viewBox='0 0 {width} {height}' {_FONT}>",
+        f"<rect width='{width}' height='{height}' fill='#ffffff'/>",
     ]
     for i, name in enumerate(donors):
         y = i * _ROW + 2
         parts.append(f"<rect x='4' y='{y}' width='12' height='12' fill='{colour[name]}'/>")
         parts.append(f"<text x='22' y='{y + 10}'>{escape(name)}</text>")
-    middle = _LABEL + _BAR // 2
-    for i, (output, donor, layer, scales) in enumerate(rows):
+    middle = label + _BAR // 2
+    for i, ((output, donor, layer, _), detail) in enumerate(zip(rows, details, strict=True)):
         y = top + i * _ROW
-        detail = donor if scales == "1.0" else f"{donor}  {scales}"
         parts.append(
-            f"<text x='{_LABEL - 4}' y='{y + 11}' text-anchor='end'>{escape(output)}</text>"
+            f"<text x='{label - 4}' y='{y + 11}' text-anchor='end'>{escape(output)}</text>"
         )
         parts.append(
-            f"<rect x='{_LABEL}' y='{y + 1}' width='{_BAR}' height='{_ROW - 2}' "
-            f"fill='{colour[donor]}'/>"
+            f"<rect x='{label}' y='{y + 1}' width='{_BAR}' height='{_ROW - 2}' "
+            f"fill='{colour.get(donor, _MIXED)}'/>"
         )
         parts.append(f"<text x='{middle}' y='{y + 11}' text-anchor='middle'>{escape(layer)}</text>")
-        parts.append(f"<text x='{_LABEL + _BAR + 6}' y='{y + 11}'>{escape(detail)}</text>")
+        parts.append(f"<text x='{label + _BAR + 6}' y='{y + 11}'>{escape(detail)}</text>")
     parts.append("</svg>")
     return "\n".join(parts) + "\n"

@@ -11,7 +11,7 @@ import difflib
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,10 @@ from hubmerge.card.facts import (
 )
 from hubmerge.card.layermap import LAYER_MAP_FILE, layer_map_svg
 from hubmerge.card.results import Evaluation, load_results
+from hubmerge.config import HubSettings
 from hubmerge.errors import CardError
+from hubmerge.methods.mergekit_run import REPORT_FILE as MERGEKIT_REPORT_FILE
+from hubmerge.methods.mergekit_run import parameter_tables
 from hubmerge.plan import recipe_yaml
 
 CARD_FILE = "README.md"
@@ -51,13 +54,16 @@ def render_card(
     results: Sequence[Path] = (),
     template: Path | None = None,
     name: str | None = None,
+    repo_id: str | None = None,
 ) -> str:
     """The card (README.md text) of the merged model in `model_dir`.
 
     `results` are lm-eval results files; `template` replaces the default (and the config's
     `card.template`). `name` is the model's folder name when `model_dir` is a staging folder.
+    `repo_id` is the Hub repo the card is for (default: the config's `hub.repo_id`): its title
+    and usage snippet name that repo, so the snippet loads the model from where it is published.
     """
-    return _render(model_dir, results, template, name).card
+    return _render(model_dir, results, template, name, repo_id).card
 
 
 def write_card(
@@ -67,9 +73,10 @@ def write_card(
     template: Path | None = None,
     output: Path | None = None,
     name: str | None = None,
+    repo_id: str | None = None,
 ) -> Path:
     """Write the card to `output` (default `model_dir/README.md`) and `layer_map.svg` beside it."""
-    rendered = _render(model_dir, results, template, name)
+    rendered = _render(model_dir, results, template, name, repo_id)
     output = Path(output) if output else Path(model_dir) / CARD_FILE
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(rendered.card, encoding="utf-8")
@@ -83,17 +90,23 @@ def check_card(
     results: Sequence[Path] = (),
     template: Path | None = None,
     output: Path | None = None,
+    repo_id: str | None = None,
 ) -> str | None:
     """None when the card on disk is what rendering gives now; else a short unified diff."""
     path = Path(output) if output else Path(model_dir) / CARD_FILE
-    return stale_diff(path, render_card(model_dir, results=results, template=template))
+    fresh = render_card(model_dir, results=results, template=template, repo_id=repo_id)
+    return stale_diff(path, fresh)
 
 
 def card_files(
-    model_dir: Path, *, results: Sequence[Path] = (), template: Path | None = None
+    model_dir: Path,
+    *,
+    results: Sequence[Path] = (),
+    template: Path | None = None,
+    repo_id: str | None = None,
 ) -> dict[str, str]:
     """What `write_card` writes into `model_dir`, by file name: the card and its layer map."""
-    rendered = _render(model_dir, results, template, None)
+    rendered = _render(model_dir, results, template, None, repo_id)
     return {CARD_FILE: rendered.card, LAYER_MAP_FILE: rendered.layer_map}
 
 
@@ -123,9 +136,15 @@ def stale_diff(path: Path, fresh: str) -> str | None:
 
 
 def _render(
-    model_dir: Path, results: Sequence[Path], template: Path | None, name: str | None
+    model_dir: Path,
+    results: Sequence[Path],
+    template: Path | None,
+    name: str | None,
+    repo_id: str | None = None,
 ) -> Rendered:
     facts = read_facts(Path(model_dir), name)
+    if repo_id:
+        facts = _for_repo(facts, repo_id)
     evaluation = load_results(results) if results else None
     data = card_data(facts, evaluation)
     context = card_context(facts, evaluation)
@@ -157,10 +176,12 @@ def card_data(facts: ModelFacts, evaluation: Evaluation | None) -> ModelCardData
         base_model=base_model or None,
         language=(hub.language if hub and hub.language else None) or _common(donors, "language"),
         library_name="transformers",
-        license=(hub.license if hub else None) or _common(donors, "license") or "other",
+        license=_license(facts),
         pipeline_tag="text-generation",
         tags=[
             "merge",
+            # mergekit's own cards carry it, and people find merges by it on the Hub.
+            *(["mergekit"] if facts.recipe.get("merge_method") else []),
             "hubmerge",
             facts.plan.method,
             *(hub.tags if hub else []),
@@ -176,10 +197,13 @@ def card_context(facts: ModelFacts, evaluation: Evaluation | None) -> dict[str, 
     """What the template sees besides `card_data` (and the metadata fields themselves).
 
     `title`, `summary` (None: the template writes one), `repo_id`, `model_id` (for code),
-    `method`, `architecture`, `dtype`, `num_layers`, `donors` (name, url, revision, roles,
-    layers, license, hub), `lineage` (name, parents), `local_donors`, `layers` (rows of output,
-    model, layer, scales), `layer_map` (image file), `settings` (the method's config), `recipe`
-    and `config_yaml` (YAML text), `olm`, `ner`, `evaluation` and `chat_template`.
+    `license` (None when unknown), `method`, `architecture`, `dtype`, `num_layers`, `donors`
+    (name, url, revision, roles, layers, license, hub), `lineage` (name, parents),
+    `local_donors`, `layers` (rows of output, model, layer, scales), `layer_map` (image file),
+    `settings` (the method's config), `recipe` and `config_yaml` (YAML text), `olm`, `ner`,
+    `mergekit` (for methods mergekit computed: the method's `name`, paper `url`, mergekit
+    `version`, `random_seed` and parameter `tables`, each with `title`, `columns` and `rows`),
+    `evaluation` and `chat_template`.
     """
     hub, card = _settings(facts)
     namer = facts.namer
@@ -219,6 +243,7 @@ def card_context(facts: ModelFacts, evaluation: Evaluation | None) -> dict[str, 
         "summary": card.summary if card else None,
         "repo_id": hub.repo_id if hub else None,
         "model_id": _model_id(facts),
+        "license": _license(facts),
         "method": plan.method,
         "architecture": (model_config.get("architectures") or ["?"])[0],
         "dtype": model_config.get("dtype") or model_config.get("torch_dtype"),
@@ -238,6 +263,7 @@ def card_context(facts: ModelFacts, evaluation: Evaluation | None) -> dict[str, 
         "config_yaml": recipe_yaml(namer.public(facts.config_data)) if facts.config_data else None,
         "olm": _olm(facts.olm_report, namer) if facts.olm_report else None,
         "ner": _ner(facts.ner_report, namer, facts.ner_heatmap) if facts.ner_report else None,
+        "mergekit": _mergekit(facts.mergekit_report, facts) if facts.mergekit_report else None,
         "evaluation": evaluation,
         "chat_template": facts.chat_template,
     }
@@ -247,6 +273,14 @@ def _settings(facts: ModelFacts) -> tuple[Any, Any]:
     """The config's `hub:` and `card:` sections (None when absent, or without a config)."""
     config = facts.config
     return (config.hub, config.card) if config else (None, None)
+
+
+def _for_repo(facts: ModelFacts, repo_id: str) -> ModelFacts:
+    """`facts` as if the config's `hub.repo_id` were `repo_id`: the card of the published model."""
+    if facts.config is None:  # no config to carry it: the name is what `_model_id` falls back to
+        return replace(facts, name=repo_id)
+    hub = (facts.config.hub or HubSettings()).model_copy(update={"repo_id": repo_id})
+    return replace(facts, config=facts.config.model_copy(update={"hub": hub}))
 
 
 def _model_id(facts: ModelFacts) -> str:
@@ -264,6 +298,17 @@ def _donors(facts: ModelFacts) -> list[Donor]:
             "hubmerge_sources.json (files from different merges?)"
         )
     return list(dict.fromkeys(facts.donors[ref] for ref in facts.plan.models))
+
+
+def _license(facts: ModelFacts) -> str | None:
+    """The license the metadata names: `hub.license`, else the one every donor's card names.
+
+    None when neither is known, and then the card says so. `other` is not named either: the Hub
+    wants a `license_name` and `license_link` beside it, which hubmerge does not know.
+    """
+    hub, _ = _settings(facts)
+    license = (hub.license if hub else None) or _common(_donors(facts), "license")
+    return license if license != "other" else None
 
 
 def _common(donors: Sequence[Donor], field: str) -> Any:
@@ -329,25 +374,52 @@ def _olm(report: dict[str, Any], namer: Namer) -> dict[str, Any]:
         raise CardError(f"{OLM_REPORT_FILE}: not an OLM report hubmerge can read ({e!r})") from None
 
 
+def _mergekit(report: dict[str, Any], facts: ModelFacts) -> dict[str, Any]:
+    """The method mergekit ran (its name and paper, from mergekit's registry) and its parameters."""
+    try:
+        return {
+            "name": str(report["name"]),
+            "url": report["reference_url"],
+            "version": str(report["mergekit_version"]),
+            "random_seed": report.get("random_seed"),
+            "tables": parameter_tables(facts.namer.public(facts.config_data)),
+        }
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CardError(
+            f"{MERGEKIT_REPORT_FILE}: not a mergekit report hubmerge can read ({e!r})"
+        ) from None
+
+
 def _ner(report: dict[str, Any], namer: Namer, heatmap: bool) -> dict[str, Any]:
     """NER's per-layer scores (each model's mean NER over the layer's matrices) and heatmap."""
     try:
         models = report["models"]
+        rows = [
+            {
+                "layer": record["layer"],
+                "chosen": namer.model(record["chosen"]),
+                "scores": [(record["scores"][m]["mean"], m == record["chosen"]) for m in models],
+            }
+            for record in report["layers"]
+        ]
         return {
             "granularity": report["granularity"],
             "normalize": report["normalize"],
             "models": [namer.model(m) for m in models],
-            "rows": [
-                {
-                    "layer": record["layer"],
-                    "chosen": namer.model(record["chosen"]),
-                    "scores": [
-                        (record["scores"][m]["mean"], m == record["chosen"]) for m in models
-                    ],
-                }
-                for record in report["layers"]
-            ],
+            "rows": rows,
+            "digits": _distinguishing_digits([[s for s, _ in row["scores"]] for row in rows]),
             "heatmap": NER_HEATMAP_FILE if heatmap else None,
         }
     except (KeyError, TypeError) as e:
         raise CardError(f"{NER_REPORT_FILE}: not a NER report hubmerge can read ({e!r})") from None
+
+
+def _distinguishing_digits(rows: Sequence[Sequence[float]], least: int = 5, most: int = 12) -> int:
+    """Decimals enough that scores which differ in a row also read differently (at least
+    `least`, at most `most`): NER margins between candidates can be 1e-7, and a bold winner
+    that prints the same as the loser hides the decision.
+    """
+    for digits in range(least, most):
+        if all(len({f"{x:.{digits}f}" for x in row}) == len(set(row)) for row in rows):
+            return digits
+    return most

@@ -1,17 +1,26 @@
 """lm-eval results files -> the card's evaluation tables and its `model-index`.
 
-Open LLM Leaderboard v2 tasks are normalised exactly as the leaderboard's notebook did: per
-subtask `max(raw - lb, 0) / (1 - lb) * 100` with lb the random-guess baseline, the unweighted mean
-over a family's subtasks, rounded to 2 decimals; `Avg.` is the mean of the six rounded scores. A
-family is shown that way only when every one of its subtasks is present with the leaderboard's
+Open LLM Leaderboard v2 tasks are normalised exactly as the leaderboard's notebook did, with
+`norm(raw, lb) = max(raw - lb, 0) / (1 - lb) * 100` and lb the random-guess baseline, each family
+rounded to 2 decimals; `Avg.` is the mean of the six rounded scores. BBH and MuSR normalise every
+subtask, then take the unweighted mean. MATH Lvl 5 and GPQA normalise lm-eval's group row once
+(`leaderboard_math_hard`, `leaderboard_gpqa`: means over the subtasks weighted by their sizes);
+a file without the group row gets the same mean rebuilt from the subtasks and `n-samples`.
+A family is shown that way only when every one of its subtasks is present with the leaderboard's
 few-shot count: a partial or differently-run family would not be the leaderboard's number, so
 its subtasks are listed as plain tasks instead, like every other task (raw metric and stderr).
+
+Results of a run limited to N documents per task (`--limit`) are shown in the card's body,
+marked as limited, but kept out of `model-index`: the Hub shows `model-index` as the model's
+scores, and a limited run is a quick check, not a score comparable with full runs.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import posixpath
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +85,9 @@ class Family:
     dataset_type: str
     metric_type: str
     metric_name: str
+    #: lm-eval's group row to normalise once (its size-weighted mean over the subtasks), for
+    #: the families the leaderboard scores that way; None: normalise each subtask, then average.
+    group: str | None = None
 
 
 FAMILIES = (
@@ -105,6 +117,7 @@ FAMILIES = (
         "hendrycks/competition_math",
         "exact_match",
         "exact match",
+        group="leaderboard_math_hard",
     ),
     Family(
         "GPQA (0-shot)",
@@ -114,6 +127,7 @@ FAMILIES = (
         "Idavidrein/gpqa",
         "acc_norm",
         "acc_norm",
+        group="leaderboard_gpqa",
     ),
     Family(
         "MuSR (0-shot)",
@@ -134,7 +148,7 @@ FAMILIES = (
         "accuracy",
     ),
 )
-#: lm-eval's group rows for the leaderboard: size-weighted means, not the leaderboard's numbers.
+#: lm-eval's group rows for the leaderboard: consumed with their families, never listed alone.
 LEADERBOARD_GROUPS = frozenset(
     (
         "leaderboard",
@@ -184,9 +198,13 @@ class Evaluation:
     average: float | None
     tasks: list[TaskRow]
     runs: list[RunInfo]
+    #: Leaderboard labels and task names measured by a limited run: shown, not in `model-index`.
+    limited: frozenset[str] = frozenset()
 
     def eval_results(self) -> list[EvalResult]:
-        """The `model-index` entries: leaderboard families first, then every other metric."""
+        """The `model-index` entries: leaderboard families first, then every other metric.
+
+        Limited runs are left out (see the module's docstring)."""
         by_label = {family.label: family for family in FAMILIES}
         results = [
             EvalResult(
@@ -202,8 +220,11 @@ class Evaluation:
                 source_url=SOURCE_URL,
             )
             for label, score in self.leaderboard
+            if label not in self.limited
         ]
         for row in self.tasks:
+            if row.task in self.limited:
+                continue
             results.append(
                 EvalResult(
                     task_type=TASK_TYPE,
@@ -223,32 +244,58 @@ class Evaluation:
         return results
 
 
+@dataclass
+class _Runs:
+    """The results files read together, by task: each task comes from one file."""
+
+    results: dict[str, dict[str, Any]]
+    #: lm-eval's group rows (`groups`, also in `results` since lm-eval 0.4.3).
+    groups: dict[str, dict[str, Any]]
+    versions: dict[str, str]
+    shots: dict[str, int]
+    #: Documents evaluated per task (`n-samples` `effective`, after any limit).
+    sizes: dict[str, int]
+    limited: set[str]
+
+
 def load_results(files: Sequence[Path]) -> Evaluation:
     """Read lm-eval results files; a task may appear in only one of them."""
-    merged: dict[str, dict[str, Any]] = {}
-    versions: dict[str, str] = {}
-    shots: dict[str, int] = {}
+    runs = _Runs({}, {}, {}, {}, {}, set())
     owner: dict[str, Path] = {}
-    runs = []
+    infos = []
     for file in files:
         data = _read(Path(file))
+        info = _run_info(Path(file), data)
+        infos.append(info)
+        for group, metrics in _mapping(data, "groups").items():
+            if isinstance(metrics, dict):
+                runs.groups.setdefault(group, metrics)
+        samples = _mapping(data, "n-samples")
         for task, metrics in data["results"].items():
             if task in owner:
                 raise CardError(f"{file}: task {task} is also in {owner[task]}; give it once")
             owner[task] = Path(file)
-            merged[task] = metrics
-            versions[task] = str(data.get("versions", {}).get(task, "-"))
+            runs.results[task] = metrics
+            runs.versions[task] = str(data.get("versions", {}).get(task, "-"))
             if isinstance(data.get("n-shot", {}).get(task), int):
-                shots[task] = data["n-shot"][task]
-        runs.append(_run_info(Path(file), data))
+                runs.shots[task] = data["n-shot"][task]
+            sampled = samples.get(task)
+            count = sampled.get("effective") if isinstance(sampled, dict) else None
+            if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+                runs.sizes[task] = count
+            if info.limit is not None:
+                runs.limited.add(task)
 
     leaderboard: list[tuple[str, float]] = []
+    limited = set(runs.limited)
     consumed = set(LEADERBOARD_GROUPS)
     for family in FAMILIES:
-        score = _family_score(family, merged, shots)
+        score = _family_score(family, runs)
         if score is not None:
             leaderboard.append((family.label, score))
             consumed |= set(family.subtasks)
+            if runs.limited & set(family.subtasks):
+                limited.add(family.label)
     average = (
         round(sum(score for _, score in leaderboard) / len(FAMILIES), 2)
         if len(leaderboard) == len(FAMILIES)
@@ -256,11 +303,72 @@ def load_results(files: Sequence[Path]) -> Evaluation:
     )
     rows = [
         row
-        for task, metrics in merged.items()
+        for task, metrics in runs.results.items()
         if task not in consumed
-        for row in _task_rows(task, metrics, versions[task], shots.get(task))
+        for row in _task_rows(task, metrics, runs.versions[task], runs.shots.get(task))
     ]
-    return Evaluation(leaderboard, average, rows, runs)
+    return Evaluation(leaderboard, average, rows, infos, frozenset(limited))
+
+
+#: What lm-eval records about the machine that ran it: the environment dump (user, paths,
+#: packages, hardware) and the git commits of the folder it ran in.
+MACHINE_KEYS = ("pretty_env_info", "git_hash", "upper_git_hash")
+#: Where task YAMLs shipped with a package live: kept from there on, as a relative path.
+_TASK_ROOTS = ("lm_eval/tasks/", "hubmerge/eval_tasks/")
+
+
+def is_results(data: Any) -> bool:
+    """Whether parsed JSON is an lm-eval results file (`results` and lm-eval's run records)."""
+    return (
+        isinstance(data, dict)
+        and isinstance(data.get("results"), dict)
+        and any(key in data for key in ("lm_eval_version", "n-shot", "configs"))
+    )
+
+
+def shareable_results(data: dict[str, Any], model_name: str) -> dict[str, Any]:
+    """An lm-eval results file as it may be published: nothing about the machine that ran it.
+
+    lm-eval records the environment (`MACHINE_KEYS`), the model's local path (`config.model`,
+    `pretrained=` in `config.model_args`) and each task's absolute file paths (its YAML's
+    `config_source`, local `data_files`). The copy drops the first, names the model
+    `model_name` and keeps only the package-relative part (`lm_eval/tasks/...`) or the file name
+    of every absolute path; everything the card reads is kept as it was.
+    """
+    shared = {key: value for key, value in data.items() if key not in MACHINE_KEYS}
+    config = shared.get("config")
+    if isinstance(config, dict):
+        config = dict(config)
+        if isinstance(config.get("model"), str) and _is_path(config["model"]):
+            config["model"] = model_name
+        if isinstance(config.get("model_args"), str):
+            config["model_args"] = ",".join(
+                f"pretrained={model_name}" if arg.startswith("pretrained=") else arg
+                for arg in config["model_args"].split(",")
+            )
+        shared["config"] = config
+    return {key: _without_paths(value) for key, value in shared.items()}
+
+
+def _without_paths(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _without_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_paths(item) for item in value]
+    if isinstance(value, str) and _is_path(value):
+        path = value.replace("\\", "/")
+        for root in _TASK_ROOTS:
+            if f"/{root}" in path:
+                return root + path.rsplit(f"/{root}", 1)[1]
+        return posixpath.basename(path)
+    return value
+
+
+def _is_path(text: str) -> bool:
+    """An absolute path of a file or folder: POSIX (two levels or more), Windows drive or UNC."""
+    if "\n" in text or len(text) > 4096:
+        return False
+    return bool(re.match(r"/[^/]+/|\\\\|[A-Za-z]:[\\/]", text))
 
 
 def _read(file: Path) -> dict[str, Any]:
@@ -288,8 +396,7 @@ def _run_info(file: Path, data: dict[str, Any]) -> RunInfo:
         if isinstance(stamp, int | float)
         else None
     )
-    config = data.get("config") if isinstance(data.get("config"), dict) else {}
-    limit = config.get("limit")
+    limit = _mapping(data, "config").get("limit")
     return RunInfo(
         file.name,
         data.get("lm_eval_version"),
@@ -298,22 +405,38 @@ def _run_info(file: Path, data: dict[str, Any]) -> RunInfo:
     )
 
 
+def _mapping(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    """`data[key]` when it is a mapping, else an empty one (results files are untrusted)."""
+    value = data.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def _family_score(
-    family: Family, results: Mapping[str, Mapping[str, Any]], shots: Mapping[str, int]
-) -> float | None:
+def _family_score(family: Family, runs: _Runs) -> float | None:
     """The family's normalised score, or None unless every subtask ran as the leaderboard ran it."""
-    normalised = []
-    for task, baseline in family.subtasks.items():
-        values = [_number(results.get(task, {}).get(metric)) for metric in family.metrics]
-        if any(v is None for v in values) or shots.get(task, family.shots) != family.shots:
+    raw: dict[str, float] = {}
+    for task in family.subtasks:
+        values = [_number(runs.results.get(task, {}).get(metric)) for metric in family.metrics]
+        if any(v is None for v in values) or runs.shots.get(task, family.shots) != family.shots:
             return None
-        raw = sum(values) / len(values)  # type: ignore[arg-type]
-        normalised.append(normalise(raw, baseline))
-    return round(sum(normalised) / len(normalised), 2)
+        raw[task] = sum(values) / len(values)  # type: ignore[arg-type]
+    if family.group is None:
+        normalised = [normalise(raw[task], lb) for task, lb in family.subtasks.items()]
+        return round(sum(normalised) / len(normalised), 2)
+    # One baseline for the whole family, so the group row can be normalised once.
+    (baseline,) = set(family.subtasks.values())
+    metric = family.metrics[0]
+    row = runs.results.get(family.group) or runs.groups.get(family.group) or {}
+    mean = _number(row.get(metric))
+    if mean is None:  # lm-eval's own size-weighted mean, rebuilt from the subtasks
+        if not all(task in runs.sizes for task in family.subtasks):
+            return None
+        total = sum(runs.sizes[task] for task in family.subtasks)
+        mean = sum(raw[task] * runs.sizes[task] for task in family.subtasks) / total
+    return round(normalise(mean, baseline), 2)
 
 
 def _task_rows(

@@ -1,11 +1,13 @@
-"""mergekit's `linear` read as a per-tensor selection, and plans written in that form.
+"""mergekit's `linear` read as per-tensor selections and blends, and plans written in that form.
 
 mergekit's linear merge computes sum(w_i * t_i) / sum(w_i) per tensor in float32 and casts the
 result back. With one source weighted 1 and the others 0 that is the selected tensor exactly,
 so a `linear` config with 0/1 `weight` filters is how a plan that takes single modules from
 other models (NER's `granularity: module`) travels as a recipe: mergekit and hubmerge build the
-same model from it. hubmerge reads only that form and refuses a real weighted average, which
-is another method.
+same model from it. With `normalize: false` there is no division, and any weights are a blend
+that hubmerge computes in the same float32 steps (`tensorfile.weighted_sum`): that is how OLM's
+mean and task-arithmetic layers travel. A weighted average with `normalize: true` is refused
+(its division is mergekit's to round).
 
 Parameters follow mergekit: `weight` is looked up on the source, then the slice, then the top
 level, against the *source* tensor name; the embeddings and the head are merged from the first
@@ -22,7 +24,15 @@ from hubmerge import arch
 from hubmerge.config import LinearConfig, LinearSlice, LinearSource
 from hubmerge.errors import ConfigError
 from hubmerge.methods.passthrough import resolve
-from hubmerge.plan import EdgePlan, LayerPlan, MergePlan, edge_tensors, filter_rules
+from hubmerge.plan import (
+    EdgeBlend,
+    EdgePlan,
+    LayerBlend,
+    LayerPlan,
+    MergePlan,
+    edge_tensors,
+    filter_rules,
+)
 from hubmerge.sources import ModelSource
 
 
@@ -41,13 +51,18 @@ def plan(config: LinearConfig, sources: Mapping[str, ModelSource]) -> MergePlan:
         for k in range(count):
             t = k / (count - 1) if count > 1 else 1.0
             choices: dict[str, tuple[str, int]] = {}
+            blends: dict[str, LayerBlend] = {}
             for suffix in sources[first.model].layers[first.layer_range[0] + k]:
                 names = [arch.layer_name(s.layer_range[0] + k, suffix) for s in out_slice.sources]
-                chosen = _select(
+                terms = _terms(
                     config, out_slice, out_slice.sources, names, t, sources, f"slices[{i}]"
                 )
-                choices[suffix] = (chosen.model, chosen.layer_range[0] + k)
-            layers.append(LayerPlan.from_choices(choices))
+                picked = [(m, s.layer_range[0] + k, w) for m, w, s in terms]
+                if len(picked) == 1:
+                    choices[suffix] = picked[0][:2]
+                else:
+                    blends[suffix] = tuple(picked)
+            layers.append(LayerPlan.from_choices(choices, blends))
 
     # mergekit pairs the last slice's models with as many inputs as the first slice has.
     last = config.slices[-1].sources[: len(config.slices[0].sources)]
@@ -55,13 +70,15 @@ def plan(config: LinearConfig, sources: Mapping[str, ModelSource]) -> MergePlan:
     head = _edge(config, config.slices[-1], last, sources, pre=False)
     donor = config.base_model or config.slices[0].sources[0].model
     tokenizer = config.tokenizer_source or donor
-    used = {layer.model for layer in layers} | {embed, head}
+    used = {layer.model for layer in layers} | {embed.model, head.model}
     used |= {model for layer in layers for model, _ in layer.overrides.values()}
+    used |= {m for layer in layers for terms in layer.blends.values() for m, _, _ in terms}
+    used |= {m for edge in (embed, head) for terms in edge.blends.values() for m, _ in terms}
     return MergePlan(
         method="linear",
         layers=layers,
-        embed=EdgePlan(embed),
-        head=EdgePlan(head),
+        embed=embed,
+        head=head,
         donor=donor,
         tokenizer=donor if tokenizer == "base" else tokenizer,
         dtype=config.dtype,
@@ -77,23 +94,27 @@ def _edge(
     sources: Mapping[str, ModelSource],
     *,
     pre: bool,
-) -> str:
-    """The one model the embeddings (`pre`) or the head come from."""
+) -> EdgePlan:
+    """Where the embeddings (`pre`) or the head come from: one model, or per-tensor blends."""
     where = f"slices[{0 if pre else len(config.slices) - 1}]"
-    chosen = {
-        _select(config, out_slice, inputs, [name] * len(inputs), 0.0, sources, where).model
-        for name in edge_tensors(sources[inputs[0].model], pre=pre)
-    }
-    if len(chosen) > 1:
+    chosen: set[str] = set()
+    blends: dict[str, EdgeBlend] = {}
+    for name in edge_tensors(sources[inputs[0].model], pre=pre):
+        terms = _terms(config, out_slice, inputs, [name] * len(inputs), 0.0, sources, where)
+        if len(terms) == 1:
+            chosen.add(terms[0][0])
+        else:
+            blends[name] = tuple((m, w) for m, w, _ in terms)
+    if len(chosen) > 1 or (chosen and blends):
         part = "embeddings" if pre else "final norm and lm_head"
         raise ConfigError(
             f"{where}: the {part} come from several models ({', '.join(sorted(chosen))}); "
-            "hubmerge takes them from one"
+            "hubmerge takes them from one, or blends them all"
         )
-    return chosen.pop()
+    return EdgePlan(chosen.pop() if chosen else inputs[0].model, blends=blends)
 
 
-def _select(
+def _terms(
     config: LinearConfig,
     out_slice: LinearSlice,
     inputs: Sequence[LinearSource],
@@ -101,8 +122,12 @@ def _select(
     t: float,
     sources: Mapping[str, ModelSource],
     where: str,
-) -> LinearSource:
-    """The input weighted 1 for its tensor (`names`, one per input), all others weighted 0."""
+) -> list[tuple[str, float, LinearSource]]:
+    """What one tensor (`names`, one per input) is: (model, weight, input) terms.
+
+    A selection (one input weighted 1, every other 0) is one term; with `normalize: false`
+    any other weights are a blend of every input, zeros included (mergekit adds 0 x t too).
+    """
     weights: list[float] = []
     for source, name in zip(inputs, names, strict=True):
         levels = [source.parameters, out_slice.parameters, config.parameters]
@@ -112,10 +137,16 @@ def _select(
         weights.append(weight)
     picked = [i for i, w in enumerate(weights) if w != 0.0]
     if len(picked) != 1 or weights[picked[0]] != 1.0:
+        normalize = config.parameters.normalize if config.parameters else None
+        if normalize is False:
+            for source, name in zip(inputs, names, strict=True):
+                if name not in sources[source.model].tensors:
+                    raise ConfigError(f"{where}: {source.model} has no tensor {name}")
+            return [(s.model, w, s) for s, w in zip(inputs, weights, strict=True)]
         values = ", ".join(f"{s.model}: {w:g}" for s, w in zip(inputs, weights, strict=True))
         raise ConfigError(
-            f"{where}: {names[0]} has weights {values}; hubmerge reads linear merges only as "
-            "selections (one source weighted 1, every other 0)"
+            f"{where}: {names[0]} has weights {values}; hubmerge reads weighted linear merges "
+            "only with `parameters: {normalize: false}` (else one source weighted 1, others 0)"
         )
     chosen, name = inputs[picked[0]], names[picked[0]]
     tensors = sources[chosen.model].tensors
@@ -129,57 +160,69 @@ def _select(
             f"{where}: {name} of {chosen.model} is stored as {tensors[name].dtype}, "
             f"{inputs[0].model}'s as {first.dtype}: set dtype"
         )
-    return chosen
+    return [(chosen.model, 1.0, chosen)]
 
 
 def selection_recipe(plan: MergePlan, sources: Mapping[str, ModelSource]) -> dict[str, Any]:
-    """The mergekit `linear` config, with 0/1 weight filters, that rebuilds `plan` exactly.
+    """The mergekit `linear` config, with per-tensor weight filters, that rebuilds `plan` exactly.
 
-    Consecutive output layers that take each tensor from the same model become one slice;
-    each slice lists the models it takes something from, the first slice the embeddings'
-    donor too and the last slice the head's (listed first there, as mergekit merges the head
-    from only as many of the last slice's models as the first slice has). A source's rules
-    name the tensors it gives (weight 1) or does not (weight 0), whichever are fewer.
+    Consecutive output layers whose tensors have the same terms become one slice; each slice
+    lists the models it takes something from, the first slice the embeddings' donors too and
+    the last slice the head's (listed first there, as mergekit merges the head from only as
+    many of the last slice's models as the first slice has). A source's rules give each
+    tensor its weight: 1 or 0 for a selection, the blend's weight for a blended tensor; a plan
+    with blends sets `normalize: false`, so mergekit adds the weighted tensors and divides by
+    nothing, as `tensorfile.weighted_sum` does.
     """
     if plan.embed.scales or plan.head.scales or any(layer.scales for layer in plan.layers):
         raise ValueError("a plan with both scales and overrides has no mergekit form")
-    groups: list[tuple[dict[str, str], dict[str, int], int]] = []
+    groups: list[tuple[dict[str, dict[str, float]], dict[str, int], int]] = []
     for layer in plan.layers:
-        suffixes = sources[layer.model].layers[layer.layer]
-        choice = {s: layer.overrides.get(s, (layer.model, layer.layer)) for s in suffixes}
+        weights: dict[str, dict[str, float]] = {}
         starts: dict[str, int] = {}
-        for model, index in choice.values():
-            if starts.setdefault(model, index) != index:
-                raise ValueError(f"output layer takes two layers of {model}: no mergekit form")
-        models = {s: model for s, (model, _) in choice.items()}
+        for suffix in sources[layer.model].layers[layer.layer]:
+            weights[suffix] = {}
+            for model, index, weight in layer.terms(suffix):
+                if starts.setdefault(model, index) != index or model in weights[suffix]:
+                    raise ValueError(f"output layer takes two layers of {model}: no mergekit form")
+                weights[suffix][model] = weight
         last = groups[-1] if groups else None
-        if last and last[0] == models and all(starts[m] == last[1][m] + last[2] for m in starts):
+        if last and last[0] == weights and all(starts[m] == last[1][m] + last[2] for m in starts):
             groups[-1] = (last[0], last[1], last[2] + 1)
         else:
-            groups.append((models, starts, 1))
+            groups.append((weights, starts, 1))
 
+    embed = _EdgeTerms(plan.embed, sources, pre=True)
+    head = _EdgeTerms(plan.head, sources, pre=False)
+    canonical = _sum_order(plan)
     slices = []
-    for g, (models, starts, count) in enumerate(groups):
-        owner = Counter(models.values()).most_common(1)[0][0]
-        order = [m for m in dict.fromkeys([*plan.models, *starts]) if m in starts]
-        if g == 0 and plan.embed.model not in order:
-            order.append(plan.embed.model)
-        if g == len(groups) - 1:
-            order = [plan.head.model] + [m for m in order if m != plan.head.model]
+    first_width = 0
+    for g, (weights, starts, count) in enumerate(groups):
+        given = Counter(m for terms in weights.values() for m, w in terms.items() if w)
+        owner = given.most_common(1)[0][0]
+        members = {*starts, *(embed.models if g == 0 else ())}
+        order = sorted(members | set(head.models if g == len(groups) - 1 else ()),
+                       key=canonical.index)  # fmt: skip
+        first_width = first_width or len(order)
+        if g == len(groups) - 1 and not set(head.models) <= set(order[:first_width]):
+            # mergekit merges the head from the first `first_width` sources of the last slice.
+            if any(len(terms) > 1 for terms in weights.values()):
+                raise ValueError("the head's donor cannot lead a slice of blends: no mergekit form")
+            order = [*head.models, *(m for m in order if m not in head.models)]
         entries = []
         for model in order:
             start = starts.get(model, starts[owner])
             if start + count > sources[model].num_layers:
                 raise ValueError(f"{model} has no layers {start}..{start + count - 1}")
             owned = {
-                arch.layer_name(start + k, suffix): float(chosen == model)
+                arch.layer_name(start + k, suffix): terms.get(model, 0.0)
                 for k in range(count)
-                for suffix, chosen in models.items()
+                for suffix, terms in weights.items()
             }
             if g == 0:
-                owned |= _edge_weights(sources[model], model == plan.embed.model, pre=True)
+                owned |= embed.weights(model)
             if g == len(groups) - 1:
-                owned |= _edge_weights(sources[model], model == plan.head.model, pre=False)
+                owned |= head.weights(model)
             default = Counter(owned.values()).most_common(1)[0][0]
             entries.append(
                 {
@@ -189,8 +232,36 @@ def selection_recipe(plan: MergePlan, sources: Mapping[str, ModelSource]) -> dic
                 }
             )
         slices.append({"sources": entries})
-    return plan.recipe_with("linear", slices)
+    recipe = plan.recipe_with("linear", slices)
+    if plan.embed.blends or plan.head.blends or any(layer.blends for layer in plan.layers):
+        recipe["parameters"] = {"normalize": False}
+    return recipe
 
 
-def _edge_weights(source: ModelSource, donor: bool, *, pre: bool) -> dict[str, float]:
-    return dict.fromkeys(edge_tensors(source, pre=pre), float(donor))
+def _sum_order(plan: MergePlan) -> list[str]:
+    """One order of models in which every blend of `plan` sums its terms (mergekit sums in the
+    order of a slice's sources); a `ValueError` if two blends sum in different orders."""
+    orders = [[m for m, _, _ in t] for layer in plan.layers for t in layer.blends.values()]
+    orders += [[m for m, _ in t] for edge in (plan.embed, plan.head) for t in edge.blends.values()]
+    canonical = list(dict.fromkeys([m for order in orders for m in order] + plan.models))
+    canonical += [layer.model for layer in plan.layers if layer.model not in canonical]
+    canonical += [m for layer in plan.layers for m, _ in layer.overrides.values()]
+    canonical = list(dict.fromkeys([*canonical, plan.embed.model, plan.head.model]))
+    for order in orders:
+        if [canonical.index(m) for m in order] != sorted(canonical.index(m) for m in order):
+            raise ValueError("blends sum their models in different orders: no mergekit form")
+    return canonical
+
+
+class _EdgeTerms:
+    """Per model, the weight of each embedding (or head) tensor in the recipe."""
+
+    def __init__(self, edge: EdgePlan, sources: Mapping[str, ModelSource], *, pre: bool) -> None:
+        self.names = list(edge_tensors(sources[edge.model], pre=pre))
+        self.terms = {
+            n: dict(edge.blends[n]) if n in edge.blends else {edge.model: 1.0} for n in self.names
+        }
+        self.models = list(dict.fromkeys(m for terms in self.terms.values() for m in terms))
+
+    def weights(self, model: str) -> dict[str, float]:
+        return {n: self.terms[n].get(model, 0.0) for n in self.names}

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hubmerge.config import NerConfig
+from hubmerge.devices import check_device
 from hubmerge.errors import ConfigError, SourceError
 from hubmerge.plan import EdgePlan, LayerPlan, MergePlan, edge_tensors
 from hubmerge.sources import ModelSource
@@ -42,7 +43,7 @@ def plan(config: NerConfig, sources: Mapping[str, ModelSource], context: MergeCo
 
     pool = config.referenced_models()
     _check_pool(config, pool, sources)
-    device = ner.check_device(context.device or "cpu")
+    device = check_device(context.device or "cpu", allow_auto=False)
     dtype = config.dtype or _common_dtype(config, pool, sources)
 
     layer_matrices = {ref: [_matrices(layer) for layer in sources[ref].layers] for ref in pool}

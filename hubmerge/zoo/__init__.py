@@ -3,8 +3,9 @@
 Nothing in hubmerge's tests, demo or benchmarks can download a model, yet layer-selection merges
 only mean something between models that learned different things. The zoo is that input: a base
 model trained on four synthetic tasks (addition, reversal, sorting, counting) and fine-tunes of
-it that each specialise on one task, all small enough to live in the package (see `train.py` for
-how they are made and `manifest.json` for what each scores).
+it that each specialise on one task with replay of the base mixture, as real Hub fine-tunes do
+(best at their task, still decent at the others), all small enough to live in the package (see
+`train.py` for how they are made and `manifest.json` for what each scores).
 
 This module only reads paths and the manifest; it imports neither torch nor transformers.
 """
@@ -29,7 +30,9 @@ INCOMPATIBLE = "tiny-incompatible"
 MODELS = (*FAMILY, INCOMPATIBLE)
 
 TASKS = ("add", "reverse", "sort", "count")
-SPLITS = ("selection", "heldout")
+#: `selection` is what merge methods score candidates on, `validation` a second split they may
+#: check choices against, `heldout` what nothing chooses with: where results are reported.
+SPLITS = ("selection", "validation", "heldout")
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ def model_path(name: str) -> Path:
 
 
 def dataset_path(task: str, split: str) -> Path:
-    """JSON conversation dataset of `task` for `split` ("selection" or "heldout")."""
+    """JSON conversation dataset of `task` for `split` (one of `SPLITS`)."""
     if task not in TASKS:
         raise SourceError(f"unknown zoo task {task!r} (known: {', '.join(TASKS)})")
     if split not in SPLITS:

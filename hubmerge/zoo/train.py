@@ -9,9 +9,10 @@ writes one Hugging Face model folder per zoo model under `--out`, the evaluation
    and chat template, shared by all models;
 2. `tiny-base`: a Qwen2 model trained from random weights on a mixture of every task plus
    templated plain text, stopped while it is still mediocre at the tasks;
-3. one fine-tune of `tiny-base` per specialised task, trained on that task only, so each beats
-   the base on its task and forgets the others: different layers learned different things,
-   which is what layer-selection merges need;
+3. one fine-tune of `tiny-base` per specialised task, trained like a real Hub fine-tune: mostly
+   on its task, with 30 % replay of the base mixture, so each is best at its task and still
+   decent at the others (a fine-tune without replay forgets everything else, which no merge
+   method can be judged on);
 4. `tiny-incompatible`: a randomly initialised Qwen2 with another hidden size, for bad-input
    tests;
 5. every model reloaded from disk and scored on every task's held-out split, into the manifest.
@@ -50,7 +51,12 @@ SEED = 1234
 # One thread: the box has two cores and the other is often busy; a busy second thread makes
 # every step wait for it. A fixed count also keeps float reductions, hence weights, identical.
 THREADS = 1
-SELECTION_SIZE, HELDOUT_SIZE = 64, 128
+# Selection is what OLM scores candidates on: at 128 prompts one prompt is under a point, so no
+# single prompt decides a swap. Validation is a second split OLM may use to veto swaps; held-out
+# is never seen by any method and is what the demo and the manifest report.
+SPLIT_SIZES = {"selection": 128, "validation": 64, "heldout": 256}
+# Fraction of each fine-tune's batches drawn from the base mixture (replay).
+REPLAY = 0.3
 # The longest answer (14 letters) plus <|im_end|>, with slack: a rambling answer is wrong anyway.
 EVAL_MAX_NEW_TOKENS = 16
 EVAL_BATCH_SIZE = 64
@@ -99,6 +105,16 @@ class Recipe:
     seed: int = SEED
 
 
+BASE_MIXTURE = {"add": 0.28, "reverse": 0.15, "sort": 0.15, "count": 0.25, "text": 0.17}
+
+
+def with_replay(task: str, replay: float = REPLAY) -> dict[str, float]:
+    """A fine-tune's mixture: its task, plus `replay` of the base mixture (weights sum to 1)."""
+    mixture = {source: round(replay * weight, 6) for source, weight in BASE_MIXTURE.items()}
+    mixture[task] = round(mixture[task] + 1 - replay, 6)
+    return mixture
+
+
 # Mixture weights and step counts were tuned so that the base ends mediocre (it is mid-way
 # through learning each task) and one short fine-tune per task lifts that task well above it.
 RECIPES = (
@@ -106,7 +122,7 @@ RECIPES = (
         name="tiny-base",
         description="Base model: all four tasks plus templated plain text, from random weights.",
         parent=None,
-        mixture={"add": 0.28, "reverse": 0.15, "sort": 0.15, "count": 0.25, "text": 0.17},
+        mixture=BASE_MIXTURE,
         steps=2200,
         lr=3e-3,
         warmup_steps=60,
@@ -114,9 +130,9 @@ RECIPES = (
     *(
         Recipe(
             name=f"tiny-{task}",
-            description=f"tiny-base fine-tuned on {what} only.",
+            description=f"tiny-base fine-tuned on {what}, with {REPLAY:.0%} replay of its mixture.",
             parent="tiny-base",
-            mixture={task: 1.0},
+            mixture=with_replay(task),
             steps=500,
             lr=1e-3,
         )
@@ -291,19 +307,16 @@ def save_model(model: Qwen2ForCausalLM, tokenizer: tokenizers.Tokenizer, folder:
 
 
 def write_datasets(data_dir: Path) -> dict[str, set[str]]:
-    """Write every task's selection and held-out split; return all their prompts per task."""
+    """Write every task's evaluation splits; return all their prompts per task."""
     data_dir.mkdir(parents=True, exist_ok=True)
     held: dict[str, set[str]] = {}
     for index, (task, maker) in enumerate(TASK_MAKERS.items()):
         # A seed per task, offset from the training seeds, so splits never depend on each other.
         rng = random.Random(SEED * 1000 + index)
         held[task] = set()
-        write_records(
-            data_dir / f"{task}_selection.json", draw_unique(maker, rng, SELECTION_SIZE, held[task])
-        )
-        write_records(
-            data_dir / f"{task}_heldout.json", draw_unique(maker, rng, HELDOUT_SIZE, held[task])
-        )
+        for split, size in SPLIT_SIZES.items():
+            pairs = draw_unique(maker, rng, size, held[task])
+            write_records(data_dir / f"{task}_{split}.json", pairs)
     return held
 
 
@@ -360,6 +373,7 @@ def main(argv: list[str] | None = None) -> None:
             "warmup_steps": recipe.warmup_steps,
             "schedule": "linear warmup, cosine decay to 0.1 x lr, AdamW wd 0.01, clip 1.0",
             "mixture": recipe.mixture,
+            "replay": REPLAY if recipe.parent is not None else None,
             "params": model.num_parameters(),
         }
         print(f"{recipe.name}: trained in {time.perf_counter() - clock:.1f} s")
@@ -394,6 +408,7 @@ def main(argv: list[str] | None = None) -> None:
             "every prompt of an evaluation split rejected; loss on answers (+ <|im_end|>) "
             "for tasks, on every token for text"
         ),
+        "splits": SPLIT_SIZES,
         "evaluation": {
             "split": "heldout",
             "metric": "exact match (stripped)",
@@ -403,8 +418,7 @@ def main(argv: list[str] | None = None) -> None:
         "tasks": {
             task: {
                 "description": (maker.__doc__ or "").strip(),
-                "selection": f"{data_dir.name}/{task}_selection.json",
-                "heldout": f"{data_dir.name}/{task}_heldout.json",
+                **{split: f"{data_dir.name}/{task}_{split}.json" for split in SPLIT_SIZES},
             }
             for task, maker in TASK_MAKERS.items()
         },

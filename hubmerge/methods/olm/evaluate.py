@@ -6,17 +6,29 @@ Three things make a candidate cheap to score:
   model is ever reloaded or saved per candidate.
 - Every dataset is tokenized once, into padded batches reused by every evaluation.
 - At position p, everything below p is the same for all candidates, so the hidden states that
-  enter layer p are computed once per position and teacher-forced scoring (bigram, and exact's
-  tie-breaker) runs only layers p..L-1 for each candidate. Generation (exact, quality) still
-  runs the whole model, batched with left padding and a KV cache.
+  enter layer p, and for prompts the KV cache of layers below p, are computed once per position.
+  Teacher-forced scoring (bigram, and exact's tie-breaker) then runs only layers p..L-1 for each
+  candidate, and so does the prompt pass of generation (exact, quality); the new tokens still
+  run every layer, one token at a time, batched with left padding and a KV cache. A candidate
+  computes exactly what a whole-model pass computes (same operations on the same shapes), so
+  its scores are bitwise those of a full evaluation.
+- Those per-position caches are built from the nearest still-valid layer below, not from the
+  embeddings: in `forward` order position p costs one layer (p - 1, just decided), in
+  `backward` order the layers below never change and inputs kept at every sqrt(L)-th layer
+  bound the work and the memory. Each cached tensor remembers when it was computed, and a swap
+  below it makes it stale.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import math
+import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,6 +56,18 @@ class Limits:
 
 
 @dataclass
+class _Prefix:
+    """What the layers below a position computed for one batch, kept for the candidates there.
+
+    `inputs[k]` is the hidden state entering layer k, `kv[j]` layer j's KV-cache entry (prompt
+    batches only), each with the clock value at which it was computed.
+    """
+
+    inputs: dict[int, tuple[int, torch.Tensor]] = field(default_factory=dict)
+    kv: dict[int, tuple[int, Any]] = field(default_factory=dict)
+
+
+@dataclass
 class _Batch:
     """Left-padded token ids of a batch; the last `answer_lengths[i]` of row i are the answer."""
 
@@ -51,6 +75,7 @@ class _Batch:
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     answer_lengths: list[int]
+    prefix: _Prefix = field(default_factory=_Prefix)
 
 
 @dataclass
@@ -73,6 +98,8 @@ class Counters:
     prefix_evaluations: int = 0
     full_seconds: float = 0.0
     prefix_seconds: float = 0.0
+    #: Building the per-position caches (`cache_prefix`) that prefix evaluations start from.
+    cache_seconds: float = 0.0
     swaps: int = 0
     swap_seconds: float = 0.0
     generated_tokens: int = 0
@@ -81,6 +108,9 @@ class Counters:
 
 class _Captured(Exception):
     """Raised by the capture hook to stop a forward pass once layer p's input is known."""
+
+
+_LAYER_PARAM = re.compile(r"model\.layers\.(\d+)\.")
 
 
 class WorkingModel:
@@ -120,19 +150,57 @@ class WorkingModel:
         self.tasks = [
             self._tokenize(name, mode, items, batch_size) for name, (mode, items) in samples.items()
         ]
-        self._prefix: dict[int, list[torch.Tensor]] = {}
-        self._prefix_start = 0
+        depth = len(self.model.model.layers)
+        # A logical clock: `_changed[i]` is when layer i last changed; a cached tensor computed
+        # at clock c from layers below k is valid while none of them changed after c.
+        self._clock = 0
+        self._changed = [0] * depth
+        #: Inputs are kept at every `_stride`-th layer (and near the current position).
+        self._stride = max(1, math.isqrt(depth))
+        self._start = 0
 
     # -- editing ------------------------------------------------------------------------------
 
-    def load(self, tensors: dict[str, TensorInfo]) -> None:
-        """Copy tensors (output name -> source bytes) into the model, in place."""
+    def load(self, tensors: Mapping[str, TensorInfo | Callable[[], torch.Tensor]]) -> None:
+        """Copy tensors (output name -> source bytes, or a function computing the tensor, as
+        for a blended candidate) into the model, in place."""
         start = time.perf_counter()
+        self._clock += 1
+        everything = False
         with torch.no_grad():
             for name, info in tensors.items():
-                self._params[name].copy_(read_tensor(info))  # casts to the param's dtype/device
+                value = read_tensor(info) if isinstance(info, TensorInfo) else info()
+                self._store(name, value)
+                match = _LAYER_PARAM.match(name)
+                if match:
+                    self._changed[int(match[1])] = self._clock
+                else:  # embeddings (or a tied head): every layer's input changes
+                    everything = True
+        if everything:
+            self._changed = [self._clock] * len(self._changed)
+            self._drop_prefixes()
         self.counters.swaps += 1
         self.counters.swap_seconds += time.perf_counter() - start
+
+    def _store(self, name: str, value: torch.Tensor) -> None:
+        """Put one tensor where the model reads it: into the parameter, on its device (cast to
+        its dtype), or, for a layer accelerate offloaded (`device: auto` beyond the devices'
+        memory; the parameter is then a placeholder on `meta`), into the offloaded weights
+        the layer loads before each forward pass, held in CPU memory."""
+        param = self._params[name]
+        if param.device.type != "meta":
+            param.copy_(value)
+            return
+        owner, _, leaf = name.rpartition(".")
+        hook = getattr(self.model.get_submodule(owner), "_hf_hook", None)
+        weights = getattr(hook, "weights_map", None)
+        if weights is None:
+            raise RuntimeError(f"{name} is on the meta device but not offloaded by accelerate")
+        # A `PrefixedDataset` over the offloaded weights; their `state_dict` takes priority
+        # over the files (the source models', which are never written).
+        stored = weights.dataset
+        target = getattr(stored, "state_dict", stored)
+        target[weights.prefix + leaf] = value.to("cpu", param.dtype, copy=True)
 
     def load_layer(self, position: int, source: ModelSource, layer: int) -> None:
         self.load({f"model.layers.{position}.{s}": t for s, t in source.layers[layer].items()})
@@ -140,17 +208,16 @@ class WorkingModel:
     def load_model(self, source: ModelSource) -> None:
         """Make the working model `source` entirely (base selection evaluates each pool model)."""
         self.load(dict(source.tensors))
-        self._prefix.clear()
 
     # -- evaluation ---------------------------------------------------------------------------
 
     def evaluate(self, start: int = 0) -> list[Score]:
-        """Score every task. With `start` > 0, teacher-forced passes reuse the cached input of
-        layer `start` (call `cache_prefix(start)` first; layers below it must not change)."""
-        if start and start != self._prefix_start:
+        """Score every task. With `start` > 0, every pass starts at layer `start` from the
+        per-position cache (call `cache_prefix(start)` first; layers below it must not change)."""
+        if start and (start != self._start or not self._prefix_ready(start)):
             raise ValueError(f"evaluate(start={start}) needs cache_prefix({start}) first")
         began = time.perf_counter()
-        scores = [self._score(task, index, start) for index, task in enumerate(self.tasks)]
+        scores = [self._score(task, start) for task in self.tasks]
         spent = time.perf_counter() - began
         if start:
             self.counters.prefix_evaluations += 1
@@ -161,49 +228,131 @@ class WorkingModel:
         return scores
 
     def cache_prefix(self, start: int) -> None:
-        """Compute, once, the hidden states entering layer `start` for every forced batch."""
-        self._prefix.clear()
-        self._prefix_start = start
-        if start == 0:
-            return
-        captured: list[torch.Tensor] = []
-
-        def capture(_: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured.append(args[0] if args else kwargs["hidden_states"])
-            raise _Captured
-
-        handle = self.model.model.layers[start].register_forward_pre_hook(capture, with_kwargs=True)
-        try:
-            for index, task in enumerate(self.tasks):
-                first = len(captured)
+        """Make sure every batch has the hidden states entering layer `start` and, for prompts
+        (generation), the KV cache of the layers below it: what every candidate at `start`
+        shares."""
+        began = time.perf_counter()
+        self._start = start
+        if start:
+            for task in self.tasks:
                 for batch in task.forced_batches:
-                    with torch.inference_mode(), contextlib.suppress(_Captured):
-                        self._forward(batch, keep=1)
-                self._prefix[index] = captured[first:]
-        finally:
-            handle.remove()
+                    self._advance(batch, start, kv=False)
+                for batch in task.prompt_batches:
+                    self._advance(batch, start, kv=True)
+        self.counters.cache_seconds += time.perf_counter() - began
 
-    def _score(self, task: Task, index: int, start: int) -> Score:
+    def _below(self, layer: int) -> int:
+        """When any layer below `layer` last changed."""
+        return max(self._changed[:layer], default=0)
+
+    def _valid_input(self, prefix: _Prefix, layer: int) -> bool:
+        return layer in prefix.inputs and prefix.inputs[layer][0] >= self._below(layer)
+
+    def _valid_kv(self, prefix: _Prefix, below: int) -> bool:
+        """Whether the KV entries of layers 0..below-1 are all there and current."""
+        return all(j in prefix.kv and prefix.kv[j][0] >= self._below(j + 1) for j in range(below))
+
+    def _prefix_ready(self, start: int) -> bool:
+        forced = [b.prefix for task in self.tasks for b in task.forced_batches]
+        prompts = [b.prefix for task in self.tasks for b in task.prompt_batches]
+        return all(self._valid_input(p, start) for p in forced + prompts) and all(
+            self._valid_kv(p, start) for p in prompts
+        )
+
+    def _advance(self, batch: _Batch, stop: int, *, kv: bool) -> None:
+        """Compute the input of layer `stop` from the highest valid cached input below it."""
+        prefix = batch.prefix
+        usable = [
+            k
+            for k in range(1, stop + 1)
+            if self._valid_input(prefix, k) and (not kv or self._valid_kv(prefix, k))
+        ]
+        begin = max(usable, default=0)
+        if begin < stop:
+            self._run_prefix(batch, begin, stop, kv=kv)
+        # Keep what later positions may start from, in either order, at bounded memory: every
+        # `_stride`-th input, and the last `_stride` below `stop` (backward order needs them
+        # next, forward order the one at `stop`); nothing above `stop`, nothing stale.
+        near = max(begin, stop - self._stride)
+        prefix.inputs = {
+            k: v
+            for k, v in prefix.inputs.items()
+            if k <= stop and (k % self._stride == 0 or k >= near) and self._valid_input(prefix, k)
+        }
+        prefix.kv = {j: v for j, v in prefix.kv.items() if j < stop}
+
+    def _run_prefix(self, batch: _Batch, begin: int, stop: int, *, kv: bool) -> None:
+        """Run layers begin..stop-1, keeping each one's input (and KV entry, with `kv`)."""
+        layers = self.model.model.layers
+        prefix = batch.prefix
+        clock = self._clock
+
+        def capture(layer: int) -> Any:
+            def hook(_: nn.Module, args: tuple, kwargs: dict) -> None:
+                prefix.inputs[layer] = (clock, args[0] if args else kwargs["hidden_states"])
+                if layer == stop:
+                    raise _Captured
+
+            return hook
+
+        handles = [
+            layers[k].register_forward_pre_hook(capture(k), with_kwargs=True)
+            for k in range(begin + 1, stop + 1)
+        ]
+        cache = self._new_cache() if kv else None
+        fed = prefix.inputs[begin][1] if begin else None
+        try:
+            # The layers are restored (leaving `_from_layer`) before the stop is swallowed.
+            with (
+                torch.inference_mode(),
+                contextlib.suppress(_Captured),
+                self._from_layer(begin, fed),
+            ):
+                self._forward(batch, keep=1, cache=cache)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if cache is not None:
+            for j in range(begin, stop):
+                prefix.kv[j] = (clock, cache.layers[j])
+
+    def _drop_prefixes(self) -> None:
+        for task in self.tasks:
+            for batch in task.forced_batches + task.prompt_batches:
+                batch.prefix = _Prefix()
+
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def _score(self, task: Task, start: int) -> Score:
         if task.mode == "bigram":
-            per_sample = [bigram_score(ce) for ce in self._token_ce(task, index, start)]
-            return Score(sum(per_sample) / len(per_sample))
+            per_sample = [bigram_score(ce) for ce in self._token_ce(task, start)]
+            return Score(sum(per_sample) / len(per_sample), per_sample=tuple(per_sample))
         if task.mode == "exact":
-            outputs = self._generate(task, task_max_new_tokens(task, self.limits))
-            nll = [sum(ce) / len(ce) for ce in self._token_ce(task, index, start)]
-            return Score(exact_mismatch(outputs, task.references), sum(nll) / len(nll))
-        outputs = self._generate(task, self.limits.quality_max_new_tokens)
+            outputs = self._generate(task, task_max_new_tokens(task, self.limits), start)
+            nll = [sum(ce) / len(ce) for ce in self._token_ce(task, start)]
+            misses = [
+                float(o.strip() != r.strip()) for o, r in zip(outputs, task.references, strict=True)
+            ]
+            return Score(
+                exact_mismatch(outputs, task.references), sum(nll) / len(nll), tuple(misses)
+            )
+        outputs = self._generate(task, self.limits.quality_max_new_tokens, start)
         per_sample = [
             quality_score(o, min_words=self.limits.min_words, target_words=self.limits.target_words)
             for o in outputs
         ]
-        return Score(sum(per_sample) / len(per_sample))
+        return Score(sum(per_sample) / len(per_sample), per_sample=tuple(per_sample))
 
-    def _token_ce(self, task: Task, index: int, start: int) -> Iterator[list[float]]:
+    def _token_ce(self, task: Task, start: int) -> Iterator[list[float]]:
         """Per sample, the cross-entropy of each reference token given everything before it."""
-        for batch_index, batch in enumerate(task.forced_batches):
+        for batch in task.forced_batches:
             keep = max(batch.answer_lengths) + 1
-            with torch.inference_mode(), self._from_layer(start, index, batch_index):
-                logits = self._forward(batch, keep=keep)
+            fed = batch.prefix.inputs[start][1] if start else None
+            with torch.inference_mode(), self._from_layer(start, fed):
+                logits = self._forward(batch, keep=keep).logits
             width = batch.input_ids.shape[1]
             for row, length in enumerate(batch.answer_lengths):
                 # One row's answer positions at a time, in float32: with a 150k vocabulary a
@@ -214,14 +363,13 @@ class WorkingModel:
                 yield ce.tolist()
 
     @contextlib.contextmanager
-    def _from_layer(self, start: int, task_index: int, batch_index: int) -> Iterator[None]:
+    def _from_layer(self, start: int, cached: torch.Tensor | None) -> Iterator[None]:
         """Run only layers start..L-1, feeding layer `start` its cached input."""
-        if start == 0:
+        if start == 0 or cached is None:
             yield
             return
         decoder = self.model.model
         layers = decoder.layers
-        cached = self._prefix[task_index][batch_index]
 
         def feed(_: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             if args:
@@ -244,26 +392,48 @@ class WorkingModel:
                 config.layer_types = types
             handle.remove()
 
-    def _forward(self, batch: _Batch, *, keep: int) -> torch.Tensor:
+    def _forward(self, batch: _Batch, *, keep: int, cache: Any = None) -> Any:
         return self.model(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,
-            use_cache=False,
+            cache=cache,
+            use_cache=cache is not None,
             logits_to_keep=keep,
-        ).logits
+        )
 
-    def _generate(self, task: Task, max_new_tokens: int) -> list[str]:
+    def _generate(self, task: Task, max_new_tokens: int, start: int) -> list[str]:
         began = time.perf_counter()
         outputs: list[str] = []
         for batch in task.prompt_batches:
             rows = greedy_decode(
-                self.model, batch.input_ids, batch.attention_mask, max_new_tokens, self._eos
+                self.model,
+                batch.input_ids,
+                batch.attention_mask,
+                max_new_tokens,
+                self._eos,
+                prefill=self._prefill(batch, start) if start else None,
             )
             self.counters.generated_tokens += sum(len(row) for row in rows)
             outputs += [self.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
         self.counters.generation_seconds += time.perf_counter() - began
         return outputs
+
+    def _prefill(self, batch: _Batch, start: int) -> Callable[[], Any]:
+        """The prompt pass of generation from layer `start`, with the shared KV cache below."""
+
+        def prefill() -> Any:
+            # A fresh cache, so the attention mask is sized for a pass over the whole prompt;
+            # the shared entries of the layers below go in afterwards (copies: decoding grows
+            # them, and the next candidate needs them as they are).
+            cache = self._new_cache()
+            with self._from_layer(start, batch.prefix.inputs[start][1]):
+                out = self._forward(batch, keep=1, cache=cache)
+            for j in range(start):
+                cache.layers[j] = copy.copy(batch.prefix.kv[j][1])
+            return out
+
+        return prefill
 
     # -- tokenization (once per dataset) --------------------------------------------------------
 

@@ -15,28 +15,48 @@ from pathlib import Path
 from typing import Any
 
 from hubmerge.config import OlmConfig
+from hubmerge.datasets import dataset_file
 from hubmerge.errors import ConfigError
 from hubmerge.methods.olm.scoring import Score
 
 REPORT_FILE = "merge_report.json"
-VERSION = 1
+VERSION = 2
 
 
 def fingerprint(config: OlmConfig) -> str:
     """A hash of everything that changes what OLM computes (not where or how fast)."""
-    relevant = config.model_dump(mode="json", exclude={"device", "batch_size", "out_dtype"})
+    relevant = config.model_dump(
+        mode="json", exclude={"device", "devices", "workers", "batch_size", "out_dtype"}
+    )
     relevant["dataset_sha256"] = {
-        name: hashlib.sha256(Path(name).read_bytes()).hexdigest() for name in config.dataset
+        name: hashlib.sha256(dataset_file(name).read_bytes()).hexdigest() for name in config.dataset
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
-def scores_json(scores: dict[str, Score]) -> dict[str, dict[str, float]]:
-    return {name: {"score": s.value, "tiebreak": s.tiebreak} for name, s in scores.items()}
+def scores_json(scores: dict[str, Score]) -> dict[str, dict[str, Any]]:
+    """Scores as the report holds them; exact-mode per-sample misses as a 0/1 string."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, s in scores.items():
+        out[name] = {"score": s.value, "tiebreak": s.tiebreak}
+        if s.per_sample and all(v in (0.0, 1.0) for v in s.per_sample):
+            out[name]["misses"] = "".join(str(int(v)) for v in s.per_sample)
+        elif s.per_sample:
+            out[name]["per_sample"] = list(s.per_sample)
+    return out
 
 
-def scores_from_json(data: dict[str, dict[str, float]]) -> dict[str, Score]:
-    return {name: Score(s["score"], s["tiebreak"]) for name, s in data.items()}
+def scores_from_json(data: dict[str, dict[str, Any]]) -> dict[str, Score]:
+    return {
+        name: Score(
+            s["score"],
+            s["tiebreak"],
+            tuple(float(c) for c in s["misses"])
+            if "misses" in s
+            else tuple(s.get("per_sample", ())),
+        )
+        for name, s in data.items()
+    }
 
 
 def new_report(config: OlmConfig) -> dict[str, Any]:
@@ -58,7 +78,21 @@ def load_report(path: Path, config: OlmConfig, *, restart: bool) -> dict[str, An
     """The saved report to resume from, or a fresh one; a changed config is refused."""
     if restart or not path.exists():
         return new_report(config)
-    report = json.loads(path.read_text())
+    damaged = ConfigError(
+        f"{path}: the saved state of an unfinished OLM run is damaged (truncated by a crash?); "
+        "pass --restart to discard it"
+    )
+    try:
+        report = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        raise damaged from None
+    if not (
+        isinstance(report, dict)
+        and report.get("version") == VERSION
+        and isinstance(report.get("layers"), list)
+        and all(isinstance(record, dict) for record in report["layers"])
+    ):
+        raise damaged
     if report.get("fingerprint") != fingerprint(config):
         raise ConfigError(
             f"{path}: an unfinished OLM run with a different config (models, datasets, samples or "

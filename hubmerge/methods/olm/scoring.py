@@ -10,10 +10,19 @@ Every metric is "lower is better":
   1 / ((min(n, N) / N) * (u / n) ** 2), N the target length; a text with any CJK ideograph or
   fewer than `min_words` words gets `WORST`. The dataset's score is the mean over samples.
 
-Datasets are combined by rank so metric scales do not matter: per dataset the candidates are
-ranked (ties share the average rank), and the lowest mean rank wins (`rank_mean`), or the most
-pairwise majority wins minus losses (`copeland`). Remaining ties go to the earliest candidate,
-which callers order as: the current layer first, then pool order.
+Datasets are combined in one of three ways. The seeds' two combine ranks, so metric scales do
+not matter: per dataset the candidates are ranked (ties share the average rank), and the lowest
+mean rank wins (`rank_mean`), or the most pairwise majority wins minus losses (`copeland`).
+Ranks ignore by how much a candidate is better, so a candidate one sample better on three
+datasets beats one twenty samples better on the fourth. `mean` compares magnitudes: the mean
+score over datasets when every dataset is exact (one minus the mean accuracy), else the mean of
+each dataset's scores rescaled by their spread over the candidates; tie-breakers decide equal
+means. Remaining ties go to the earliest candidate, which callers order as: the current layer
+first, then pool order.
+
+Whether a better-scoring candidate is better beyond sampling noise is `sign_test`'s question:
+per sample, is the candidate better or worse than the current layer (ties dropped), and how
+likely is that many wins out of the decided samples under a fair coin.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 #: The score of a degenerate generation: finite (JSON-safe) and above any reachable score.
 WORST = 1e30
@@ -35,10 +44,15 @@ _CJK = re.compile(
 
 @dataclass(frozen=True)
 class Score:
-    """A candidate's result on one dataset: the metric, and a tie-breaker (both lower-better)."""
+    """A candidate's result on one dataset: the metric, and a tie-breaker (both lower-better).
+
+    `per_sample` holds each sample's own score (exact: 1 for a miss, 0 for a hit), whose mean
+    is `value`: what the paired acceptance test compares.
+    """
 
     value: float
     tiebreak: float = 0.0
+    per_sample: tuple[float, ...] = field(default=(), compare=False)
 
     def key(self) -> tuple[float, float]:
         return (self.value, self.tiebreak)
@@ -89,14 +103,22 @@ def average_ranks(scores: Sequence[Score]) -> list[float]:
     return ranks
 
 
-def aggregate(table: Sequence[Sequence[Score]], method: str) -> tuple[int, list[float]]:
+def aggregate(
+    table: Sequence[Sequence[Score]], method: str, modes: Sequence[str] | None = None
+) -> tuple[int, list[float]]:
     """Pick the winner of `table[candidate][dataset]`; returns (index, per-candidate merit).
 
-    Merit is the mean rank for `rank_mean` (lower is better) and wins minus losses for
-    `copeland` (higher is better); the earliest candidate wins any tie.
+    Merit is the mean rank for `rank_mean` (lower is better), wins minus losses for
+    `copeland` (higher is better) and the mean (rescaled) score for `mean` (lower is better;
+    `modes`, one per dataset, tell whether every dataset is exact). The earliest candidate
+    wins any tie.
     """
     n_datasets = len(table[0])
     columns = [[row[d] for row in table] for d in range(n_datasets)]
+    if method == "mean":
+        merit = mean_merit(columns, all(m == "exact" for m in modes) if modes else False)
+        tiebreak = [sum(row[d].tiebreak for d in range(n_datasets)) for row in table]
+        return min(range(len(table)), key=lambda c: (merit[c], tiebreak[c], c)), merit
     ranks = [average_ranks(col) for col in columns]
     if method == "rank_mean":
         merit = [sum(r[c] for r in ranks) / n_datasets for c in range(len(table))]
@@ -113,3 +135,47 @@ def aggregate(table: Sequence[Sequence[Score]], method: str) -> tuple[int, list[
             merit.append(total)
         return max(range(len(table)), key=lambda c: (merit[c], -c)), merit
     raise ValueError(f"unknown aggregate {method!r}")
+
+
+def mean_merit(columns: Sequence[Sequence[Score]], exact: bool) -> list[float]:
+    """Per candidate, the mean over datasets (`columns[dataset][candidate]`) of its score.
+
+    Exact scores are shares of samples, comparable as they are; other metrics are rescaled
+    per dataset to [0, 1] over the candidates (a dataset where all score alike adds 0).
+    """
+    rescaled = []
+    for column in columns:
+        values = [s.value for s in column]
+        if exact:
+            rescaled.append(values)
+            continue
+        low, spread = min(values), max(values) - min(values)
+        rescaled.append([(v - low) / spread if spread > 0 else 0.0 for v in values])
+    return [sum(col[c] for col in rescaled) / len(columns) for c in range(len(columns[0]))]
+
+
+@dataclass(frozen=True)
+class Paired:
+    """A paired comparison of a candidate with the current layer, sample by sample."""
+
+    better: int
+    worse: int
+    p_value: float
+
+
+def sign_test(candidate: Sequence[Score], current: Sequence[Score]) -> Paired:
+    """One-sided sign test: is `candidate` better than `current` on more samples than chance?
+
+    Samples of every dataset are pooled (each sample one vote, lower score better, ties
+    dropped). The p-value is P(X >= better) for X ~ Binomial(better + worse, 1/2), exactly.
+    """
+    better = worse = 0
+    for mine, theirs in zip(candidate, current, strict=True):
+        if len(mine.per_sample) != len(theirs.per_sample):
+            raise ValueError("sign_test needs per-sample scores of the same samples")
+        for a, b in zip(mine.per_sample, theirs.per_sample, strict=True):
+            better += a < b
+            worse += a > b
+    n = better + worse
+    tail = sum(math.comb(n, k) for k in range(better, n + 1))
+    return Paired(better, worse, tail / 2**n if n else 1.0)
