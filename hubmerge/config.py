@@ -499,6 +499,7 @@ def loads_config(text: str, where: str) -> MergeConfig:
     if len(text) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{where}: over {MAX_CONFIG_BYTES:,} characters, more than a config")
     try:
+        _check_depth_of(text, where)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -512,6 +513,26 @@ def loads_config(text: str, where: str) -> MergeConfig:
     except ValueError as e:  # a value YAML reads but Python cannot hold (a 5,000-digit integer)
         raise ConfigError(f"{where}: invalid YAML: {str(e).splitlines()[0][:80]}") from None
     return parse_config(data, where)
+
+
+def _check_depth_of(text: str, where: str) -> None:
+    """Refuse YAML nested beyond `MAX_CONFIG_DEPTH` from its event stream (parsed without
+    recursion, by libyaml where PyYAML has it: the Python parser takes a second on deep flow
+    nesting), before the recursive composer spends seconds and the stack on it.
+    """
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_CONFIG_DEPTH:
+                    raise ConfigError(
+                        f"{where}: nested too deeply (at most {MAX_CONFIG_DEPTH} levels)"
+                    )
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+    except yaml.YAMLError:
+        return  # invalid YAML: `safe_load` says where, as it always has
 
 
 def _check_size(data: Any, where: str) -> None:

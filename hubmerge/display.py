@@ -48,7 +48,7 @@ class Display:
         self._tensors = (done, total)
         task = self._progress.tasks[-1]
         mb = (task.completed + nbytes) / 1e6
-        detail = f"{mb:,.0f}/{task.total / 1e6:,.0f} MB, {done}/{total} tensors"
+        detail = f"{mb:,.0f}/{(task.total or 0) / 1e6:,.0f} MB, {done}/{total} tensors"
         self._progress.update(self._write, advance=nbytes, detail=detail)
 
     # The methods' protocol (`hubmerge.merge.Reporter`).

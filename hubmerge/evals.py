@@ -104,6 +104,7 @@ def preflight(
         if not Path(folder).is_dir():
             raise EvalError(f"--include-path {folder}: no such folder")
     try:
+        import lm_eval  # noqa: F401  (first: it names the package when that is what is missing)
         from lm_eval.tasks import TaskManager
         from lm_eval.tasks._yaml_loader import load_yaml
     except ImportError as e:
@@ -337,7 +338,7 @@ def _lm_eval_bars(count: Callable[[int, int], None] | None, backend: str | None)
     if backend is not None:
         get_model(backend)  # imports the model's module, whose bars are swapped below
 
-    class Silent(tqdm.tqdm):  # type: ignore[misc]
+    class Silent(tqdm.tqdm):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **{**kwargs, "disable": True})
 

@@ -247,8 +247,10 @@ class MergePlan:
         becomes a `linear` recipe.
         Hub models are pinned to the commit that was read (`pin_models`).
         """
-        if self.embed.blends or self.head.blends or any(
-            layer.overrides or layer.blends for layer in self.layers
+        if (
+            self.embed.blends
+            or self.head.blends
+            or any(layer.overrides or layer.blends for layer in self.layers)
         ):
             # Imported here: the linear method builds on this module.
             from hubmerge.methods.linear import selection_recipe

@@ -162,8 +162,9 @@ def run(
     if settings.repo_id:
         stages.append(_Stage("publish", _chain(stages, settings.repo_id), do_publish))
 
-    if settings.repo_id and recorded.get("publish", {}).get("key") != stages[-1].key:
-        # Asked of the Hub now, not found refused after a merge that may take hours.
+    # With a repo, `resolve_token` gave a token (or raised): the Hub is asked about it now,
+    # unless it was published already, not after a merge that may take hours.
+    if settings.repo_id and token and recorded.get("publish", {}).get("key") != stages[-1].key:
         hub.check_token(settings.repo_id, token, endpoint=endpoint, retry=retry, log=log)
 
     result = RunResult(out_dir)

@@ -398,8 +398,7 @@ def validate(text: str) -> tuple[str, list[list[str]]]:
         tables = "\n\n".join(_markdown_table(table) for table in result.parameters)
         return ok_status(
             f"Valid {result.method} config: {result.depth} layers from {models}, computed by "
-            "mergekit: each tensor blends the models' tensors, with these parameters.\n\n"
-            + tables
+            "mergekit: each tensor blends the models' tensors, with these parameters.\n\n" + tables
         ), []
     if result.rows is None:
         return ok_status(

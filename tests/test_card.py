@@ -21,7 +21,7 @@ from hubmerge.card.results import load_results
 from hubmerge.config import OlmConfig
 from hubmerge.merge import PLANNERS
 from hubmerge.plan import EdgePlan, LayerPlan, MergePlan
-from tests.helpers import run_cli, tensors, write_yaml
+from tests.helpers import cache_repo, run_cli, tensors, write_yaml
 
 GOLDEN = Path(__file__).parent / "golden"
 LEADERBOARD = Path(__file__).parent / "data" / "lm_eval_leaderboard.json"
@@ -52,24 +52,13 @@ def local(models: dict[str, Path]) -> Callable[[str], str]:
 
 
 @pytest.fixture
-def hub_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Callable[[Path, str, str | None], str]:
+def hub_cache(offline_hub_cache: Path) -> Callable[[Path, str, str | None], str]:
     """An offline Hub cache: `put(folder, "org/name", readme)` makes the id resolve to a copy."""
-    cache = tmp_path / "hf" / "hub"
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
 
     def put(folder: Path, repo_id: str, readme: str | None = None) -> str:
-        sha = "0123456789abcdef0123456789abcdef01234567"
-        repo = cache / f"models--{repo_id.replace('/', '--')}"
-        shutil.copytree(folder, repo / "snapshots" / sha, symlinks=False)
+        snapshot = cache_repo(offline_hub_cache, repo_id, folder)
         if readme is not None:
-            (repo / "snapshots" / sha / "README.md").write_text(readme)
-        (repo / "refs").mkdir()
-        (repo / "refs" / "main").write_text(sha)
+            (snapshot / "README.md").write_text(readme)
         return repo_id
 
     return put

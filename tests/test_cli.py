@@ -98,3 +98,19 @@ def test_ctrl_c_in_olm_keeps_the_search_and_the_same_command_resumes(
         "resume it"
     )
     assert (work / "merge_report.json").is_file() and not Path("out").exists()
+
+
+def test_ctrl_c_in_demo_says_what_was_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hubmerge.demo
+
+    def measuring(out_dir: Path, **kwargs: object) -> None:
+        Path(out_dir).mkdir()  # merged; interrupted while the models are compared
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hubmerge.demo, "run_demo", measuring)
+    result = run_cli("demo", "demo-out")
+    assert result.exit_code == 130
+    assert result.output.strip().splitlines()[-1] == (
+        "interrupted: the merged model is kept in demo-out; `hubmerge demo demo-out --force` "
+        "merges and compares again"
+    )

@@ -27,17 +27,29 @@ def test_demo_runs_offline_and_its_model_generates(
     for name in ("model.safetensors", "mergekit_config.yml", "merge_report.json", "README.md"):
         assert (out / name).is_file(), name
 
-    # Every donor and the merged model are in the table, each with its four task scores.
-    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if "│" in line}
-    assert {*zoo.FAMILY, "merged"} <= rows.keys()
+    # Every donor, the whole-model blends and the merge are in the table, with four task
+    # scores and the composite; the margin over the best donor is the table's.
+    report = json.loads((out / "merge_report.json").read_text())
+    heldout = report["heldout"]
+    labels = [Path(m).name for m in zoo.FAMILY]
+    labels += ["mean (whole model)", "task_arithmetic(0.3) (whole model)", "merged (OLM)"]
+    assert labels <= list(heldout["accuracy"])
+    composite = {k: sum(v.values()) / len(v) for k, v in heldout["accuracy"].items()}
+    assert heldout["best_donor"] == max(zoo.FAMILY, key=lambda m: composite[m])
+    assert heldout["margin"] == pytest.approx(
+        composite["merged (OLM)"] - composite[heldout["best_donor"]]
+    )
+    assert f"{100 * heldout['margin']:+.1f} points composite" in " ".join(result.output.split())
+    card = (out / "README.md").read_text()
+    assert "### Held-out comparison" in card and f"{100 * heldout['margin']:+.1f} points" in card
+    assert f"| **merged (OLM)** | {heldout['accuracy']['merged (OLM)']['add']:.3f} |" in card
 
     # The output is a working chat model: it loads, and its accuracy is the table's.
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     samples = load_conversations(zoo.dataset_path("add", "heldout"))
     accuracy = exact_match_accuracy(model, tokenizer, samples, max_new_tokens=16, batch_size=128)
-    assert f"{accuracy:.3f}" in rows["merged"]
-    report = json.loads((out / "merge_report.json").read_text())
+    assert accuracy == heldout["accuracy"]["merged (OLM)"]["add"]
     assert report["complete"] and len(report["layers"]) == model.config.num_hidden_layers
 
     # The recipe rebuilds it byte for byte.

@@ -23,13 +23,18 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
 from hubmerge.config import LinearConfig, MergekitConfig, parse_config
-from tests.helpers import run_cli, tensors, write_yaml
+from tests.helpers import (
+    CACHED_SHA,
+    assert_same_tensors,
+    cache_repo,
+    run_cli,
+    tensors,
+    write_yaml,
+)
 from tests.hubserver import HubServer, published_files
 from tests.tinymodels import make_model
 
 pytest.importorskip("mergekit", reason="mergekit is not installed (extra `mergekit`)")
-
-SHA = "0123456789abcdef0123456789abcdef01234567"
 
 
 @pytest.fixture(scope="module")
@@ -136,14 +141,6 @@ def mergekit_api(config: dict[str, Any], out: Path) -> Path:
     return out
 
 
-def assert_same_tensors(ours: Path, theirs: Path) -> None:
-    mine, reference = tensors(ours), tensors(theirs)
-    assert sorted(mine) == sorted(reference)
-    for name, tensor in mine.items():
-        assert tensor.dtype == reference[name].dtype, name
-        assert torch.equal(tensor, reference[name]), name
-
-
 @pytest.mark.parametrize("method", list(CASES))
 def test_hubmerge_gives_mergekits_tensors_and_a_card(
     method: str, family: dict[str, Path], tmp_path: Path
@@ -229,18 +226,10 @@ def test_depth_changing_slerp_gets_a_config_transformers_5_loads(
 
 
 def test_hub_ids_are_pinned_in_the_recipe_and_the_card(
-    family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    family: dict[str, Path], offline_hub_cache: Path
 ) -> None:
-    cache = tmp_path / "hf" / "hub"
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     for name in ("base", "ft_a"):
-        repo = cache / f"models--acme--{name}"
-        shutil.copytree(family[name], repo / "snapshots" / SHA)
-        (repo / "refs").mkdir()
-        (repo / "refs" / "main").write_text(SHA)
+        cache_repo(offline_hub_cache, f"acme/{name}", family[name])
     config = json.loads(
         json.dumps(slerp(family))
         .replace(json.dumps(str(family["base"])), '"acme/base"')
@@ -249,10 +238,10 @@ def test_hub_ids_are_pinned_in_the_recipe_and_the_card(
     out = hubmerge(config, "out")
     assert_same_tensors(out, hubmerge(slerp(family), "local"))
     recipe = yaml.safe_load((out / "mergekit_config.yml").read_text())
-    assert recipe["base_model"] == f"acme/base@{SHA}"
+    assert recipe["base_model"] == f"acme/base@{CACHED_SHA}"
     assert [s["model"] for s in recipe["slices"][0]["sources"]] == [
-        f"acme/base@{SHA}",
-        f"acme/ft_a@{SHA}",
+        f"acme/base@{CACHED_SHA}",
+        f"acme/ft_a@{CACHED_SHA}",
     ]
     data = ModelCard((out / "README.md").read_text()).data
     assert data.base_model == ["acme/base", "acme/ft_a"]

@@ -13,10 +13,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from tests.helpers import run_cli, tensors, write_yaml
+from tests.helpers import assert_same_tensors, run_cli, write_yaml
 
 pytestmark = pytest.mark.skipif(
     shutil.which("mergekit-yaml") is None, reason="mergekit is not installed (extra `mergekit`)"
@@ -38,14 +37,6 @@ def mergekit_rebuild(recipe: Path, out: Path) -> Path:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return out
-
-
-def assert_same_tensors(ours: Path, theirs: Path) -> None:
-    mine, reference = tensors(ours), tensors(theirs)
-    assert sorted(mine) == sorted(reference)
-    for name, tensor in mine.items():
-        assert tensor.dtype == reference[name].dtype, name
-        assert torch.equal(tensor, reference[name]), name
 
 
 def test_mergekit_rebuilds_module_wise_ner(models: dict[str, Path], tmp_path: Path) -> None:

@@ -418,18 +418,3 @@ def test_zoo_model_of_another_size(tmp_path: Path) -> None:
         "models": [str(zoo.model_path(zoo.INCOMPATIBLE))],
     }
     assert_refused(tmp_path, write_yaml(tmp_path / "c.yaml", config), "hidden_size", "differs")
-
-
-def test_linear_recipes_must_be_selections(pool: dict[str, Path], tmp_path: Path) -> None:
-    """hubmerge reads mergekit `linear` only as 0/1 selections; an average is refused."""
-    sources = [
-        {"model": str(pool[m]), "layer_range": [0, 4], "parameters": {"weight": 0.5}}
-        for m in ("base", "c1")
-    ]
-    config = {"merge_method": "linear", "slices": [{"sources": sources}]}
-    assert_refused(
-        tmp_path,
-        write_yaml(tmp_path / "c.yaml", config),
-        "has weights",
-        "hubmerge reads linear merges only as selections",
-    )

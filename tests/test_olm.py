@@ -93,7 +93,8 @@ def test_prefix_cached_scores_equal_full_evaluations(
         working.load_layer(position, other, position)
         fast = working.evaluate(start=position)
         slow = working.evaluate()
-        assert fast == slow  # Score values and tie-breakers, bitwise
+        # Score values, tie-breakers and every sample's score, bitwise
+        assert [(s, s.per_sample) for s in fast] == [(s, s.per_sample) for s in slow]
         working.load_layer(position, base, position)
     assert (
         working.counters.prefix_evaluations == len(positions) == working.counters.full_evaluations

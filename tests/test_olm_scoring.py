@@ -14,6 +14,7 @@ from hubmerge.methods.olm.scoring import (
     bigram_score,
     exact_mismatch,
     quality_score,
+    sign_test,
 )
 
 
@@ -75,3 +76,39 @@ def test_copeland_counts_pairwise_majorities() -> None:
     # All equal: everybody ties, the current (first) candidate stays.
     index, _ = aggregate([[Score(1)], [Score(1)]], "copeland")
     assert index == 0
+
+
+def test_mean_counts_how_much_better_where_ranks_do_not() -> None:
+    """Candidate 1 is one sample better on three exact datasets; candidate 2 is 20 samples
+    better on the fourth. Ranks prefer 1; the mean accuracy prefers 2, as a user would."""
+    current = [Score(0.30), Score(0.30), Score(0.30), Score(0.50)]
+    small = [Score(0.29), Score(0.29), Score(0.29), Score(0.51)]
+    large = [Score(0.31), Score(0.31), Score(0.31), Score(0.30)]
+    table = [current, small, large]
+    assert aggregate(table, "rank_mean")[0] == 1
+    index, merit = aggregate(table, "mean", ["exact"] * 4)
+    assert index == 2
+    assert merit == pytest.approx([0.35, 0.345, 0.3075])
+
+
+def test_mean_rescales_other_metrics_by_their_spread_and_breaks_ties() -> None:
+    # bigram perplexities in the hundreds next to an exact share: each rescaled to [0, 1].
+    table = [[Score(0.5), Score(300.0)], [Score(0.4), Score(310.0)], [Score(0.6), Score(290.0)]]
+    index, merit = aggregate(table, "mean", ["exact", "bigram"])
+    assert merit == pytest.approx([0.5, 0.5, 0.5]) and index == 0  # a tie: the current stays
+    tied = [[Score(0.5, 2.0)], [Score(0.5, 1.0)]]
+    assert aggregate(tied, "mean", ["exact"])[0] == 1  # equal means: lower tie-breaker
+
+
+def test_sign_test_matches_scipy_binomtest() -> None:
+    scipy_stats = pytest.importorskip("scipy.stats")
+    current = Score(0.0, per_sample=tuple([1.0] * 30 + [0.0] * 30))
+    candidate = Score(0.0, per_sample=tuple([0.0] * 20 + [1.0] * 10 + [1.0] * 5 + [0.0] * 25))
+    paired = sign_test([candidate], [current])
+    assert (paired.better, paired.worse) == (20, 5)  # 35 samples tie and do not count
+    expected = scipy_stats.binomtest(20, 25, 0.5, alternative="greater").pvalue
+    assert paired.p_value == pytest.approx(expected, rel=1e-12)
+    # Samples of several datasets are pooled; without any decided sample nothing is shown.
+    assert sign_test([current, current], [current, current]).p_value == 1.0
+    with pytest.raises(ValueError, match="same samples"):
+        sign_test([Score(0.0, per_sample=(1.0,))], [current])

@@ -7,11 +7,10 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 
-from tests.helpers import logits, run_cli, tensors, write_yaml
+from tests.helpers import cache_repo, logits, run_cli, tensors, write_yaml
 
 TOKENS = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(0))
 
@@ -214,18 +213,10 @@ def test_sharded_source_dry_run_and_cast(models: dict[str, Path], tmp_path: Path
 
 
 def test_hub_id_resolves_from_the_hub_cache(
-    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    models: dict[str, Path], tmp_path: Path, offline_hub_cache: Path
 ) -> None:
     """A Hub id goes through snapshot_download; a model placed in the cache stands in offline."""
-    sha = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hf" / "hub" / "models--acme--tiny"
-    shutil.copytree(models["llama"], repo / "snapshots" / sha)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(sha)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    cache_repo(offline_hub_cache, "acme/tiny", models["llama"])
     config = write_yaml(
         tmp_path / "c.yaml",
         {
@@ -250,20 +241,13 @@ def test_hub_id_resolves_from_the_hub_cache(
 
 
 def test_recipe_pins_hub_donors_to_the_commit_read(
-    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    models: dict[str, Path], tmp_path: Path, offline_hub_cache: Path
 ) -> None:
     """`mergekit_config.yml` names a Hub donor as `org/name@<commit>`, which rebuilds the model
     after the donor moves on: hubmerge reads it back, and so does mergekit's own config parser.
     """
     sha = "89abcdef0123456789abcdef0123456789abcdef"
-    repo = tmp_path / "hf" / "hub" / "models--acme--tiny"
-    shutil.copytree(models["llama"], repo / "snapshots" / sha)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(sha)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    repo = cache_repo(offline_hub_cache, "acme/tiny", models["llama"], sha).parents[1]
     Path("llama").symlink_to(models["llama_b"])
     config = write_yaml(
         tmp_path / "c.yaml",

@@ -138,8 +138,14 @@ def test_a_shared_space_takes_hub_ids_only(
     with pytest.raises(ConfigError, match="card.template: a path on the server"):
         space.read_config_text(block_expansion("org/model") + "card: {template: /etc/passwd}\n")
     olm = "merge_method: olm\nmodels: [org/a, org/b]\ndataset: {/etc/passwd: {mode: exact}}\n"
-    with pytest.raises(ConfigError, match="dataset /etc/passwd: not a Hub id"):
+    with pytest.raises(ConfigError, match="dataset /etc/passwd: not a file in a Hub dataset repo"):
         space.read_config_text(olm)
+    # OLM works on a shared Space, with datasets from Hub dataset repos.
+    hub_data = olm.replace("/etc/passwd", "hf://datasets/org/evals/math.json")
+    assert space.read_config_text(hub_data).merge_method == "olm"
+    escape = olm.replace("/etc/passwd", "hf://datasets/org/evals/../../etc/passwd")
+    with pytest.raises(ConfigError, match="not a file in a Hub dataset repo"):
+        space.read_config_text(escape)
     space.read_config_text(block_expansion("org/model@v1.0"))
 
 
@@ -179,6 +185,23 @@ def test_form_and_yaml_say_the_same(app: ModuleType) -> None:
         "zero": ["o_proj", "down_proj"],
         "hub": {"repo_id": "me/x"},
     }
+
+
+def test_the_slice_table_has_buttons_to_add_and_remove_rows(app: ModuleType) -> None:
+    demo = app.build_demo()
+    labels = {block.value for block in demo.blocks.values() if isinstance(block, gr.Button)}
+    assert {"Add slice", "Remove last slice"} <= labels
+    rows = [["org/a", 0, 4, ""]]
+    grown = app.add_slice(rows)
+    assert grown == [["org/a", 0, 4, ""], ["org/a", 4, 5, ""]]
+    assert app.add_slice({"data": grown})[-1] == ["org/a", 5, 6, ""]  # gradio's dict form too
+    assert app.remove_slice(grown) == rows
+    assert app.remove_slice(rows) == [["", 0, 1, ""]]  # one row stays, to fill in
+    yaml_text = app.form_yaml(app.FORM_DEFAULTS | {"method": "passthrough", "slices": grown}, "")
+    assert [s["sources"][0]["layer_range"] for s in yaml.safe_load(yaml_text)["slices"]] == [
+        [0, 4],
+        [4, 5],
+    ]
 
 
 def test_the_space_folder_is_ready_to_push() -> None:
@@ -282,8 +305,13 @@ def test_a_shared_space_merges_and_publishes_a_hub_model(
     assert f"Published (private): [{hub.url}/org/grown]" in published
     assert hub.repos["org/grown"].private
     assert {"model.safetensors", "README.md"} <= set(hub.repos["org/grown"].files)
+    # The card that reached the Hub loads the model from there, not from the folder's name.
+    published_card = hub.repos["org/grown"].files["README.md"].decode()
+    assert 'model_id = "grown"' in card  # the preview: the folder's name, before a repo is known
+    assert 'model_id = "org/grown"' in published_card and "# grown" in published_card
     wrong = client.predict("org/grown", False, TOKEN[:-1] + "x", api_name="/publish")
     assert "refused the token (401" in wrong and TOKEN[:-1] not in wrong
+    assert "sign in with Hugging Face again" in wrong and "hf auth login" not in wrong
 
 
 # -- the page, in a browser ---------------------------------------------------------------------

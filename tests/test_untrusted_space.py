@@ -19,21 +19,11 @@ from huggingface_hub import constants
 
 from hubmerge import space
 from hubmerge.errors import BudgetError
+from tests.helpers import cache_repo
 from tests.test_space import _self_hosted, app, block_expansion, url  # noqa: F401 - fixtures
 
 gradio_client = pytest.importorskip("gradio_client", reason="the Space needs gradio")
 Client = gradio_client.Client
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def cache_repo(cache: Path, repo_id: str, model: Path) -> Path:
-    """`repo_id` in the Hub cache as huggingface_hub lays it out; its snapshot folder."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = Path(shutil.copytree(model, repo / "snapshots" / COMMIT))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
-    return snapshot
 
 
 @pytest.fixture

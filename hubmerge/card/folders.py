@@ -83,7 +83,7 @@ def refresh(folder: Path, *, check: bool = False, template: Path | None = None) 
     try:
         config = synced_config(folder)
         diff = stale_diff(folder / CONFIG_FILE, config) if config is not None else None
-        if diff is not None:
+        if config is not None and diff is not None:
             if check:
                 # The card would be rendered from the stale copy: report the config alone
                 # (updating rewrites the config first, then the card from it).

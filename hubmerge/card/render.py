@@ -363,15 +363,40 @@ def _olm(report: dict[str, Any], namer: Namer) -> dict[str, Any]:
             else [],
             "positions": [
                 {
-                    "layer": record["layer"],
+                    "layer": f"{record['layer']} {record['part']}"
+                    if record.get("part")
+                    else record["layer"],
                     "winner": namer.model(record["best_model"]),
                     "rows": rows(record["scores"], record["merit"], record["best_model"]),
                 }
                 for record in sorted(report["layers"], key=lambda r: r["layer"])
             ],
+            "heldout": _olm_heldout(report.get("heldout"), namer),
         }
     except (KeyError, TypeError) as e:
         raise CardError(f"{OLM_REPORT_FILE}: not an OLM report hubmerge can read ({e!r})") from None
+
+
+def _olm_heldout(heldout: dict[str, Any] | None, namer: Namer) -> dict[str, Any] | None:
+    """The held-out comparison `hubmerge demo` records: accuracy per model and task."""
+    if not heldout:
+        return None
+    tasks = list(heldout["datasets"])
+    return {
+        "metric": heldout["metric"],
+        "tasks": tasks,
+        "rows": [
+            {
+                "model": namer.model(label),
+                "scores": [scores[t] for t in tasks],
+                "composite": sum(scores[t] for t in tasks) / len(tasks),
+                "chosen": label == heldout["merged"],
+            }
+            for label, scores in heldout["accuracy"].items()
+        ],
+        "best_donor": namer.model(heldout["best_donor"]),
+        "margin": 100 * heldout["margin"],
+    }
 
 
 def _mergekit(report: dict[str, Any], facts: ModelFacts) -> dict[str, Any]:

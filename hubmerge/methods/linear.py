@@ -204,11 +204,13 @@ def selection_recipe(plan: MergePlan, sources: Mapping[str, ModelSource]) -> dic
         order = sorted(members | set(head.models if g == len(groups) - 1 else ()),
                        key=canonical.index)  # fmt: skip
         first_width = first_width or len(order)
-        if g == len(groups) - 1 and not set(head.models) <= set(order[:first_width]):
-            # mergekit merges the head from the first `first_width` sources of the last slice.
-            if any(len(terms) > 1 for terms in weights.values()):
-                raise ValueError("the head's donor cannot lead a slice of blends: no mergekit form")
+        blended = any(len(terms) > 1 for terms in weights.values())
+        if g == len(groups) - 1 and not (blended or plan.head.blends):
             order = [*head.models, *(m for m in order if m not in head.models)]
+        elif g == len(groups) - 1 and not set(head.models) <= set(order[:first_width]):
+            # mergekit merges the head from the first `first_width` sources of the last slice;
+            # a slice of blends sums in `canonical` order, so it cannot move the head first.
+            raise ValueError("the head's donors do not lead a slice of blends: no mergekit form")
         entries = []
         for model in order:
             start = starts.get(model, starts[owner])

@@ -50,7 +50,7 @@ _PATCH_LOCK = threading.Lock()
 
 
 def _registry() -> Any:
-    """mergekit's method registry, or the one line that says how to install mergekit."""
+    """mergekit's method registry; None when mergekit is not installed."""
     try:
         from mergekit.merge_methods import registry
     except ImportError:
@@ -58,17 +58,9 @@ def _registry() -> Any:
     return registry
 
 
-def available() -> bool:
-    """Whether mergekit is installed (the Space offers its methods' forms only then)."""
-    return _registry() is not None
-
-
-def method_names() -> list[str]:
-    """The methods mergekit registers that hubmerge does not plan itself, in registry order."""
-    registry = _registry()
-    if registry is None:
-        return []
-    return [m.spec.name for m in registry.registered_methods() if m.spec.name not in METHODS]
+def _specs() -> dict[str, Any]:
+    """Every method mergekit registers, by name: its parameters, pretty name and paper."""
+    return {m.spec.name: m.spec for m in _registry().registered_methods()}
 
 
 def validate(config: MergekitConfig, where: str) -> None:
@@ -80,7 +72,7 @@ def validate(config: MergekitConfig, where: str) -> None:
             f"{where}: merge_method: {method!r} is not one of hubmerge's own methods "
             f"({', '.join(METHODS)}); mergekit's methods need mergekit: {INSTALL}"
         )
-    specs = {m.spec.name: m.spec for m in registry.registered_methods()}
+    specs = _specs()
     if method not in specs:
         names = list(dict.fromkeys([*METHODS, *specs]))
         raise ConfigError(
@@ -239,7 +231,7 @@ def _layer_sources(
 
 def recipe(config: MergekitConfig, sources: Mapping[str, ModelSource]) -> dict[str, Any]:
     """The config as given (less `hub:` and `card:`), Hub models pinned to the commits read."""
-    return pin_models(config.mergekit_data(), sources)  # type: ignore[no-any-return]
+    return pin_models(config.mergekit_data(), sources)
 
 
 def write(
@@ -285,7 +277,7 @@ def write(
         for source in sources.values():  # paths hubmerge gave mergekit: say the user's names
             message = message.replace(str(source.path), source.name)
         raise SourceError(f"mergekit {config.merge_method}: {message}") from None
-    spec = {m.spec.name: m.spec for m in _registry().registered_methods()}[config.merge_method]
+    spec = _specs()[config.merge_method]
     report = {
         "method": spec.name,
         "name": spec.pretty_name or spec.name,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+from typing_extensions import TypeIs
 
 from hubmerge import arch
 from hubmerge.config import Gradient, Parameters, PassthroughConfig, ScaleRule, ScaleSetting
@@ -86,12 +87,17 @@ def evaluate(setting: ScaleSetting, name: str, t: float) -> float | None:
     """The value of one scale setting for tensor `name` at position t, or None if no rule hits."""
     if isinstance(setting, float | int):
         return float(setting)
-    if setting and isinstance(setting[0], ScaleRule):
+    if _is_rules(setting):
         for rule in setting:
             if rule.filter in (None, "*") or rule.filter in name:
                 return _gradient(rule.value, t)
         return None
     return _gradient(setting, t)
+
+
+def _is_rules(setting: list[float] | list[ScaleRule]) -> TypeIs[list[ScaleRule]]:
+    """Whether a list setting is `{filter, value}` rules (pydantic keeps the two forms apart)."""
+    return bool(setting) and isinstance(setting[0], ScaleRule)
 
 
 def _gradient(value: float | Gradient, t: float) -> float:

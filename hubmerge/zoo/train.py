@@ -28,8 +28,10 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import tokenizers
 import torch
@@ -224,8 +226,8 @@ class Sampler:
         self.sources = list(recipe.mixture)
         self.weights = list(recipe.mixture.values())
         self.held = held
-        self.pad_id = tokenizer.token_to_id(ENDOFTEXT)
-        self.im_end_id = tokenizer.token_to_id(IM_END)
+        self.pad_id = token_id(tokenizer, ENDOFTEXT)
+        self.im_end_id = token_id(tokenizer, IM_END)
 
     def _example(self, source: str) -> tuple[list[int], list[int]]:
         """Token ids and labels for one example; prompts are masked out of the loss."""
@@ -252,19 +254,27 @@ class Sampler:
         return input_ids, labels
 
 
-def new_model(tokenizer: tokenizers.Tokenizer, architecture: dict[str, object]) -> Qwen2ForCausalLM:
+def token_id(tokenizer: tokenizers.Tokenizer, token: str) -> int:
+    """The id of one of the tokenizer's own special tokens (it always has them)."""
+    found = tokenizer.token_to_id(token)
+    if found is None:
+        raise ValueError(f"the zoo tokenizer lacks {token}")
+    return found
+
+
+def new_model(tokenizer: tokenizers.Tokenizer, architecture: Mapping[str, Any]) -> Qwen2ForCausalLM:
     """A randomly initialised Qwen2 model for the character vocabulary."""
     config = Qwen2Config(
         vocab_size=tokenizer.get_vocab_size(),
         bos_token_id=None,
-        eos_token_id=tokenizer.token_to_id(IM_END),
-        pad_token_id=tokenizer.token_to_id(ENDOFTEXT),
+        eos_token_id=token_id(tokenizer, IM_END),
+        pad_token_id=token_id(tokenizer, ENDOFTEXT),
         **architecture,
     )
     model = Qwen2ForCausalLM(config)
     model.generation_config = GenerationConfig(
-        eos_token_id=[tokenizer.token_to_id(IM_END), tokenizer.token_to_id(ENDOFTEXT)],
-        pad_token_id=tokenizer.token_to_id(ENDOFTEXT),
+        eos_token_id=[token_id(tokenizer, IM_END), token_id(tokenizer, ENDOFTEXT)],
+        pad_token_id=token_id(tokenizer, ENDOFTEXT),
     )
     return model
 
@@ -360,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
         if recipe.parent is None:
             model = new_model(tokenizer, ARCHITECTURE)
         else:
-            model = AutoModelForCausalLM.from_pretrained(out / recipe.parent)
+            model = Qwen2ForCausalLM.from_pretrained(out / recipe.parent)
         train(model, Sampler(tokenizer, recipe, held), recipe)
         save_model(model, tokenizer, out / recipe.name)
         entries[recipe.name] = {

@@ -72,9 +72,7 @@ def olm_plan(
     edges: dict[bool, EdgePlan] = {}
     for pre in (True, False):
         names = edge_tensors(sources[donor], pre=pre)
-        edges[pre] = EdgePlan(
-            donor, blends={} if base.model else dict.fromkeys(names, base.terms)
-        )
+        edges[pre] = EdgePlan(donor, blends={} if base.model else dict.fromkeys(names, base.terms))
     used = {m for c in [base, *(result.candidates[w] for w in result.winners.values())]
             for m, _ in c.terms}  # fmt: skip
     return MergePlan(

@@ -138,8 +138,8 @@ class WorkingModel:
                 base.path, dtype=dtype, device_map="auto"
             ).eval()
         else:
-            self.model = AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype).to(device)
-            self.model.eval()
+            self.model = AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype)
+            self.model.to(torch.device(device)).eval()
         self.device = self.model.get_input_embeddings().weight.device
         self.limits = limits
         self.counters = Counters()
@@ -415,7 +415,7 @@ class WorkingModel:
                 prefill=self._prefill(batch, start) if start else None,
             )
             self.counters.generated_tokens += sum(len(row) for row in rows)
-            outputs += [self.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+            outputs += [str(self.tokenizer.decode(row, skip_special_tokens=True)) for row in rows]
         self.counters.generation_seconds += time.perf_counter() - began
         return outputs
 

@@ -15,6 +15,7 @@ a better-scoring candidate must also be better on significantly more samples tha
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -99,7 +100,7 @@ def all_candidates(config: OlmConfig) -> tuple[list[Candidate], list[Candidate]]
 
 def select_samples(config: OlmConfig) -> dict[str, tuple[str, list[Sample]]]:
     """Each dataset's mode and its samples: a seeded subset when it has more than asked for."""
-    chosen = {}
+    chosen: dict[str, tuple[str, list[Sample]]] = {}
     for name, spec in config.dataset.items():
         samples = load_conversations(name)
         wanted = spec.samples or config.samples
@@ -277,14 +278,14 @@ def search(
     order = positions(config, depth)
     winners: dict[Position, str] = dict.fromkeys(order, base.label)
     current = [scores_from_json(report["base_scores"])[n] for n in names]
-    for record in report["layers"]:  # resume: re-apply what earlier runs decided
-        position = (record["layer"], record.get("part"))
-        winners[position] = record["best_model"]
-        if record["best_model"] != base.label and working:
-            working.load(tensors.at(by_label[record["best_model"]], position))
-        current = [scores_from_json(record["scores"][record["best_model"]])[n] for n in names]
+    for decided in report["layers"]:  # resume: re-apply what earlier runs decided
+        position = (decided["layer"], decided.get("part"))
+        winners[position] = decided["best_model"]
+        if decided["best_model"] != base.label and working:
+            working.load(tensors.at(by_label[decided["best_model"]], position))
+        current = [scores_from_json(decided["scores"][decided["best_model"]])[n] for n in names]
 
-    done = {(record["layer"], record.get("part")) for record in report["layers"]}
+    done = {(decided["layer"], decided.get("part")) for decided in report["layers"]}
     remaining = [p for p in order if p not in done]
     advance = (
         progress("OLM positions x candidates", len(remaining) * (len(at_positions) - 1))
@@ -302,7 +303,7 @@ def search(
         layout = Layout(base.label, tuple((p, w) for p, w in winners.items() if w != base.label))
         table |= evaluate_candidates(
             scorer,
-            lambda c, p=position: tensors.at(c, p),
+            functools.partial(tensors.at, position=position),
             challengers,
             layer,
             advance,
@@ -334,7 +335,8 @@ def search(
         )
         save()
         if log:
-            summary = ", ".join(f"{Path(n).stem} {s.value:.4g}" for n, s in zip(names, current, strict=True))
+            pairs = zip(names, current, strict=True)
+            summary = ", ".join(f"{Path(n).stem} {s.value:.4g}" for n, s in pairs)
             where = f"layer {layer}" + (f" {part}" if part else "")
             log(f"{where}: {winner} ({summary})")
     report["complete"] = True
