@@ -13,8 +13,10 @@ from hubmerge.errors import ConfigError
 AUTO = "auto"
 
 
-def check_device(device: str, *, allow_auto: bool = True) -> str:
-    """`device` if torch can compute there (or `auto`, where allowed), else a `ConfigError`."""
+def check_device(device: str, *, allow_auto: bool = True, key: str = "--device") -> str:
+    """`device` if torch can compute there (or `auto`, where allowed), else a `ConfigError`
+    naming `key`, the option or config key it came from.
+    """
     if allow_auto and device == AUTO:
         return device
     import torch
@@ -22,18 +24,18 @@ def check_device(device: str, *, allow_auto: bool = True) -> str:
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError, TypeError):
-        raise ConfigError(f"--device {device}: not a torch device (cpu, cuda, cuda:1)") from None
+        raise ConfigError(f"{key} {device}: not a torch device (cpu, cuda, cuda:1)") from None
     if parsed.type == "cpu":
         return device
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available to torch here")
+            raise ConfigError(f"{key} {device}: CUDA is not available to torch here")
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
             raise ConfigError(
-                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices"
+                f"{key} {device}: this machine has {torch.cuda.device_count()} CUDA devices"
             )
         return device
     backend = torch.backends.mps if parsed.type == "mps" else getattr(torch, parsed.type, None)
     if backend is None or not getattr(backend, "is_available", lambda: False)():
-        raise ConfigError(f"--device {device}: {parsed.type} is not available to torch here")
+        raise ConfigError(f"{key} {device}: {parsed.type} is not available to torch here")
     return device

@@ -24,6 +24,7 @@ from hubmerge.config import (
     PassthroughConfig,
     load_config,
 )
+from hubmerge.devices import check_device
 from hubmerge.errors import CardError, SourceError
 from hubmerge.methods import block_expansion, linear, mergekit_run, ner, olm, passthrough
 from hubmerge.plan import MergePlan, recipe_yaml
@@ -128,11 +129,13 @@ def check_options(config: MergeConfig, *, device: str | None, card: bool) -> Non
     """What fails without any model: the device and the card template, checked before the
     models are opened and long before the weights are written.
     """
-    chosen = device or getattr(config, "device", None)
-    if chosen is not None:
-        from hubmerge.devices import check_device
-
-        check_device(chosen)
+    configured = getattr(config, "device", None)
+    if device is not None:
+        check_device(device)
+    elif configured is not None:
+        check_device(configured, key="device:")
+    for index, worker in enumerate(getattr(config, "devices", None) or []):
+        check_device(worker, allow_auto=False, key=f"devices[{index}]:")
     template = config.card.template if card and config.card else None
     if template:
         try:

@@ -47,6 +47,11 @@ class LayerPlan:
         model, layer, _ = terms[0]
         return cls(model, layer, blends=dict.fromkeys(suffixes, terms))
 
+    def contributors(self) -> set[str]:
+        """Every model at least one of this layer's tensors is read from (the card's count)."""
+        models = {self.model} | {model for model, _ in self.overrides.values()}
+        return models | {m for terms in self.blends.values() for m, _, w in terms if w != 0}
+
     def terms(self, suffix: str) -> LayerBlend:
         """What tensor `suffix` of this layer is, as weighted terms (a selection is weight 1)."""
         if suffix in self.blends:

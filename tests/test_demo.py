@@ -43,6 +43,22 @@ def test_demo_runs_offline_and_its_model_generates(
     card = (out / "README.md").read_text()
     assert "### Held-out comparison" in card and f"{100 * heldout['margin']:+.1f} points" in card
     assert f"| **merged (OLM)** | {heldout['accuracy']['merged (OLM)']['add']:.3f} |" in card
+    # The Models table credits a donor with every layer that reads one of its tensors: a
+    # blended layer counts for each model with a weight in it, counted here from the plan.
+    plan = json.loads((out / "hubmerge_plan.json").read_text())
+    for model in zoo.FAMILY:
+        path = str(zoo.model_path(model))
+        reads = sum(
+            layer["model"] == path
+            or any(
+                t["model"] == path and t["weight"] != 0
+                for b in layer.get("blends", {}).values()
+                for t in b
+            )
+            for layer in plan["layers"]
+        )
+        row = next(line for line in card.splitlines() if line.startswith(f"| `{model}` "))
+        assert row.split(" | ")[3] == str(reads), row
 
     # The output is a working chat model: it loads, and its accuracy is the table's.
     model = AutoModelForCausalLM.from_pretrained(out).eval()

@@ -185,7 +185,17 @@ def test_a_config_device_is_checked_before_any_model_is_opened(tmp_path: Path) -
         "dataset": {"d.json": {"mode": "exact"}},
         "device": "banana",
     }
-    refused(tmp_path, config, "--device banana: not a torch device")
+    refused(tmp_path, config, "device: banana: not a torch device")
+
+
+def test_every_worker_device_is_checked_before_any_model_is_opened(tmp_path: Path) -> None:
+    config = {
+        "merge_method": "olm",
+        "models": ["./nowhere"],
+        "dataset": {"d.json": {"mode": "exact"}},
+        "devices": ["cpu", "banana"],
+    }
+    refused(tmp_path, config, "devices[1]: banana: not a torch device")
 
 
 @pytest.mark.parametrize("ref", ["a/..", "org/name@../../etc", "../../x/..", "a/b--c"])

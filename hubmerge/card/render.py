@@ -209,7 +209,8 @@ def card_context(facts: ModelFacts, evaluation: Evaluation | None) -> dict[str, 
     namer = facts.namer
     plan = facts.plan
     distinct = _donors(facts)
-    taken = Counter(layer.model for layer in plan.layers)
+    # A layer counts for every model it reads a tensor of: a blended layer for each term's.
+    taken = Counter(model for layer in plan.layers for model in layer.contributors())
     donors = []
     for ref in plan.models:
         donor = facts.donors[ref]
