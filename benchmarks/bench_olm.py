@@ -861,9 +861,9 @@ def main(argv: list[str] | None = None) -> int:
             repeats=repeats,
             prompt_ratio=args.prompt_ratio,
         )
-    if "synthetic" in wanted:
-        t0 = time.perf_counter()
-        pool = synthetic_pool(
+
+    def synthetic_from_args() -> list[Path]:
+        return synthetic_pool(
             work,
             args.synth_pool,
             layers=args.synth_layers,
@@ -872,6 +872,10 @@ def main(argv: list[str] | None = None) -> int:
             heads=args.synth_heads,
             kv=args.synth_kv_heads,
         )
+
+    if "synthetic" in wanted:
+        t0 = time.perf_counter()
+        pool = synthetic_from_args()
         print(f"\nsynthetic pool ready in {time.perf_counter() - t0:.1f} s: {work}")
         setups["synthetic"] = measure_setup(
             "synthetic",
@@ -885,15 +889,7 @@ def main(argv: list[str] | None = None) -> int:
     parallel = None
     if args.workers > 1:
         print(f"\nworkers: one process vs {args.workers} CPU workers (synthetic pool)", flush=True)
-        pool = synthetic_pool(
-            work,
-            args.synth_pool,
-            layers=args.synth_layers,
-            hidden=args.synth_hidden,
-            intermediate=args.synth_intermediate,
-            heads=args.synth_heads,
-            kv=args.synth_kv_heads,
-        )
+        pool = synthetic_from_args()
         parallel = measure_workers(pool, synth_n, args.workers)
         print(
             f"  speed-up with {args.workers} workers: positions "
