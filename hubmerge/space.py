@@ -391,25 +391,18 @@ class Budgeted:
     ) -> None:
         self.result: Any = None
         self.error: BaseException | None = None
+        self._call = (target, args, kwargs)
+        self._seconds = seconds
+        self._memory = memory
+        self._reporter = reporter
+        self._slots = slots
         self._process: multiprocessing.process.BaseProcess | None = None
         self._stopped = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run,
-            args=(target, args, kwargs, seconds, memory, reporter, slots),
-            daemon=True,
-        )
+        self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _run(
-        self,
-        target: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        seconds: float,
-        memory: int,
-        reporter: JobReporter | None,
-        slots: threading.BoundedSemaphore | None,
-    ) -> None:
+    def _run(self) -> None:
+        slots, reporter = self._slots, self._reporter
         if slots is not None and not slots.acquire(blocking=False):
             if reporter:
                 reporter.log("waiting for the merge before this one to finish")
@@ -417,26 +410,19 @@ class Budgeted:
                 if self._stopped.is_set():
                     return
         try:
-            self._follow(target, args, kwargs, seconds, memory, reporter)
+            self._follow()
         finally:
             if slots is not None:
                 slots.release()
 
-    def _follow(
-        self,
-        target: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        seconds: float,
-        memory: int,
-        reporter: JobReporter | None,
-    ) -> None:
+    def _follow(self) -> None:
         if self._stopped.is_set():
             return
+        seconds, memory, reporter = self._seconds, self._memory, self._reporter
         context = multiprocessing.get_context("fork")  # the child has what this process has
         receive, send = context.Pipe(duplex=False)
         process = context.Process(
-            target=_child, args=(send, target, args, kwargs, memory, reporter is not None)
+            target=_child, args=(send, *self._call, memory, reporter is not None)
         )
         self._process = process
         process.start()

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -328,12 +328,23 @@ def transform(info: TensorInfo, scale: float, compute: str, out: str, fd: int, o
                     wide = arr.copy()
                 wide *= wide.dtype.type(scale)
                 arr = _narrow(wide, compute)
-            if out != compute:
-                arr = _narrow(to_float32(arr, compute), out)
-            data = memoryview(arr.tobytes())
-            while data:  # pwrite may write less than asked
-                written = os.pwrite(fd, data, offset)
-                data, offset = data[written:], offset + written
+            offset = _write_chunk(arr, compute, out, fd, offset)
+
+
+def _write_chunk(arr: np.ndarray, compute: str, out: str, fd: int, offset: int) -> int:
+    """Write `compute` values `arr` cast to `out` at `fd`'s `offset`; the offset after them."""
+    if out != compute:
+        arr = _narrow(to_float32(arr, compute), out)
+    return pwrite_all(fd, arr.tobytes(), offset)
+
+
+def pwrite_all(fd: int, data: bytes, offset: int) -> int:
+    """Write all of `data` at `fd`'s `offset` (pwrite may write less than asked); the end offset."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+    return offset
 
 
 #: One term of a weighted sum: a stored tensor and its weight.
@@ -367,12 +378,15 @@ def _blend_chunk(terms: Sequence[Term], compute: str, begin: int, count: int) ->
     return _narrow(acc.astype(wide, copy=False), compute)
 
 
-def _blend_count(terms: Sequence[Term]) -> int:
+def _blend_chunks(terms: Sequence[Term], compute: str) -> Iterator[np.ndarray]:
+    """sum(w_i * t_i) chunk by chunk (see `_blend_chunk`): one chunk per term in memory."""
     shapes = {info.shape for info, _ in terms}
     if not terms or len(shapes) > 1:
         names = ", ".join(sorted({f"{info.name} {list(info.shape)}" for info, _ in terms}))
         raise SourceError(f"tensors of different shapes cannot be summed ({names})")
-    return math.prod(terms[0][0].shape)
+    total = math.prod(terms[0][0].shape)
+    for begin in range(0, total, _CHUNK):
+        yield _blend_chunk(terms, compute, begin, min(_CHUNK, total - begin))
 
 
 def weighted_sum(terms: Sequence[Term], compute: str, out: str, fd: int, offset: int) -> None:
@@ -380,16 +394,9 @@ def weighted_sum(terms: Sequence[Term], compute: str, out: str, fd: int, offset:
 
     Streams in cache-sized chunks like `transform`: memory stays at one chunk per term.
     """
-    total = _blend_count(terms)
     with np.errstate(over="ignore", invalid="ignore"):
-        for begin in range(0, total, _CHUNK):
-            arr = _blend_chunk(terms, compute, begin, min(_CHUNK, total - begin))
-            if out != compute:
-                arr = _narrow(to_float32(arr, compute), out)
-            data = memoryview(arr.tobytes())
-            while data:
-                written = os.pwrite(fd, data, offset)
-                data, offset = data[written:], offset + written
+        for arr in _blend_chunks(terms, compute):
+            offset = _write_chunk(arr, compute, out, fd, offset)
 
 
 def read_weighted_sum(terms: Sequence[Term], compute: str) -> torch.Tensor:
@@ -399,12 +406,8 @@ def read_weighted_sum(terms: Sequence[Term], compute: str) -> torch.Tensor:
     """
     import torch
 
-    total = _blend_count(terms)
     with np.errstate(over="ignore", invalid="ignore"):
-        chunks = [
-            _blend_chunk(terms, compute, begin, min(_CHUNK, total - begin))
-            for begin in range(0, total, _CHUNK)
-        ]
+        chunks = list(_blend_chunks(terms, compute))
     arr = np.concatenate(chunks).reshape(terms[0][0].shape)
     tensor = torch.from_numpy(arr)
     return tensor.view(torch.bfloat16) if compute == "BF16" else tensor

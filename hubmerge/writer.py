@@ -28,6 +28,7 @@ from hubmerge.tensorfile import (
     DTYPE_NAMES,
     ITEMSIZE,
     encode_header,
+    pwrite_all,
     transform,
     weighted_sum,
 )
@@ -227,12 +228,8 @@ def _copy_range(src: int, dst: int, src_offset: int, dst_offset: int, count: int
         chunk = os.pread(src, min(count, _COPY_CHUNK), src_offset)
         if not chunk:
             raise SourceError(f"fd {src}: file ended early (truncated while merging?)")
-        os.pwrite(dst, chunk, dst_offset)
-        src_offset, dst_offset, count = (
-            src_offset + len(chunk),
-            dst_offset + len(chunk),
-            count - len(chunk),
-        )
+        dst_offset = pwrite_all(dst, chunk, dst_offset)
+        src_offset, count = src_offset + len(chunk), count - len(chunk)
 
 
 def _write_config(

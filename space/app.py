@@ -229,6 +229,21 @@ def _rows(table: Any) -> list[list[Any]]:
     return [list(row) for row in rows if row and str(row[0] or "").strip()]
 
 
+def _editable_table(
+    value: Any, headers: list[str], datatype: list[str], label: str
+) -> gr.Dataframe:
+    """A form table the visitor edits, whose value `_rows` reads back: a list of rows."""
+    return gr.Dataframe(
+        value,
+        headers=headers,
+        datatype=datatype,
+        type="array",
+        column_count=len(headers),
+        interactive=True,
+        label=label,
+    )
+
+
 def form_config(values: Mapping[str, Any]) -> dict[str, Any]:
     """The config keys the form's fields describe, for the chosen method."""
     method = values["method"]
@@ -533,14 +548,11 @@ def build_demo() -> gr.Blocks:
                 gr.Markdown("### 1. Describe the merge")
                 fields["method"] = gr.Radio(METHODS, value=start["method"], label="Method")
                 with gr.Column(visible=start["method"] == "passthrough") as groups["passthrough"]:
-                    fields["slices"] = gr.Dataframe(
+                    fields["slices"] = _editable_table(
                         start["slices"],
-                        headers=SLICE_HEADERS,
-                        datatype=["str", "number", "number", "str"],
-                        type="array",
-                        column_count=4,
-                        interactive=True,
-                        label="Slices, stacked in order",
+                        SLICE_HEADERS,
+                        ["str", "number", "number", "str"],
+                        "Slices, stacked in order",
                     )
                     with gr.Row():
                         add_row = gr.Button("Add slice", size="sm", variant="secondary")
@@ -591,14 +603,11 @@ def build_demo() -> gr.Blocks:
                     fields["olm_base"] = gr.Textbox(
                         start["olm_base"], label="Base model (optional)"
                     )
-                    fields["datasets"] = gr.Dataframe(
+                    fields["datasets"] = _editable_table(
                         start["datasets"],
-                        headers=DATASET_HEADERS,
-                        datatype=["str", "str", "number"],
-                        type="array",
-                        column_count=3,
-                        interactive=True,
-                        label="Evaluation datasets",
+                        DATASET_HEADERS,
+                        ["str", "str", "number"],
+                        "Evaluation datasets",
                     )
                     with gr.Row():
                         fields["direction"] = gr.Radio(
@@ -614,14 +623,11 @@ def build_demo() -> gr.Blocks:
                         label="Base model (not for a weighted average)",
                         placeholder="ORG/NAME",
                     )
-                    fields["mk_models"] = gr.Dataframe(
+                    fields["mk_models"] = _editable_table(
                         start["mk_models"],
-                        headers=MERGEKIT_HEADERS,
-                        datatype=["str", "str", "str"],
-                        type="array",
-                        column_count=3,
-                        interactive=True,
-                        label="Models merged with the base",
+                        MERGEKIT_HEADERS,
+                        ["str", "str", "str"],
+                        "Models merged with the base",
                     )
                     fields["mk_t"] = gr.Textbox(
                         start["mk_t"],

@@ -39,6 +39,7 @@ from hubmerge.methods.olm.scoring import (
     Score,
     bigram_score,
     exact_mismatch,
+    exact_misses,
     quality_score,
 )
 from hubmerge.sources import ModelSource
@@ -333,11 +334,10 @@ class WorkingModel:
         if task.mode == "exact":
             outputs = self._generate(task, task_max_new_tokens(task, self.limits), start)
             nll = [sum(ce) / len(ce) for ce in self._token_ce(task, start)]
-            misses = [
-                float(o.strip() != r.strip()) for o, r in zip(outputs, task.references, strict=True)
-            ]
             return Score(
-                exact_mismatch(outputs, task.references), sum(nll) / len(nll), tuple(misses)
+                exact_mismatch(outputs, task.references),
+                sum(nll) / len(nll),
+                exact_misses(outputs, task.references),
             )
         outputs = self._generate(task, self.limits.quality_max_new_tokens, start)
         per_sample = [

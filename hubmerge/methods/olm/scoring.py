@@ -82,10 +82,14 @@ def quality_score(text: str, *, min_words: int, target_words: int) -> float:
     return 1.0 / ((min(n, target_words) / target_words) * (unique / n) ** 2)
 
 
+def exact_misses(outputs: Sequence[str], references: Sequence[str]) -> tuple[float, ...]:
+    """Per output, 1.0 if it differs from its reference once both are stripped, else 0.0."""
+    return tuple(float(o.strip() != r.strip()) for o, r in zip(outputs, references, strict=True))
+
+
 def exact_mismatch(outputs: Sequence[str], references: Sequence[str]) -> float:
     """The share of outputs that differ from their reference once both are stripped."""
-    misses = sum(o.strip() != r.strip() for o, r in zip(outputs, references, strict=True))
-    return misses / len(references)
+    return sum(exact_misses(outputs, references)) / len(references)
 
 
 def average_ranks(scores: Sequence[Score]) -> list[float]:

@@ -38,12 +38,10 @@ from hubmerge.methods.olm.report import (
     scores_json,
 )
 from hubmerge.methods.olm.scoring import Score, aggregate, sign_test
-from hubmerge.methods.olm.workers import Layout, Workers, WorkerSetup
+from hubmerge.methods.olm.workers import Layout, Position, Workers, WorkerSetup
 from hubmerge.sources import ModelSource
 from hubmerge.tensorfile import DTYPE_CODES, TensorInfo, read_weighted_sum
 
-#: What a position is: a layer index and, with `granularity: module`, the part of it.
-Position = tuple[int, str | None]
 Tensors = dict[str, TensorInfo | Callable[[], torch.Tensor]]
 
 
@@ -255,6 +253,9 @@ def search(
     def choose(table: dict[str, list[Score]], labels: list[str]) -> tuple[int, list[float]]:
         return aggregate([table[label] for label in labels], config.aggregate, modes)
 
+    def as_json(scores: list[Score]) -> dict[str, dict[str, Any]]:
+        return scores_json(dict(zip(names, scores, strict=True)))
+
     holds = first.model  # the working model is this pool model as loaded
     if report["base_model"] is None:
         advance = progress("OLM starting model", len(starters)) if progress else None
@@ -262,10 +263,9 @@ def search(
         labels = [c.label for c in starters]
         index, merit = choose(table, labels)
         report["base_model"] = labels[index]
-        report["base_scores"] = scores_json(dict(zip(names, table[labels[index]], strict=True)))
+        report["base_scores"] = as_json(table[labels[index]])
         report["base_selection"] = None if config.base_model else {
-            "scores": {label: scores_json(dict(zip(names, table[label], strict=True)))
-                       for label in labels},
+            "scores": {label: as_json(table[label]) for label in labels},
             "merit": dict(zip(labels, merit, strict=True)),
         }  # fmt: skip
         holds = starters[-1].label
@@ -324,7 +324,7 @@ def search(
             | {
                 "candidates": labels,
                 "current": holder,
-                "scores": {m: scores_json(dict(zip(names, table[m], strict=True))) for m in labels},
+                "scores": {m: as_json(table[m]) for m in labels},
                 "metrics": {n: {m: table[m][i].value for m in labels} for i, n in enumerate(names)},
                 "merit": dict(zip(labels, merit, strict=True)),
                 "proposed": labels[index],
