@@ -5,12 +5,12 @@ What it measures, and why this way:
 * A whole-model NER scan of the synthetic ~2.4 GB bf16 Llama of the passthrough benchmark
   (``benchmarks/synth.py``, 24 layers, hidden 2048; cached under ``--workdir``): every 2-D
   weight, embeddings and ``lm_head`` included, read one tensor at a time as a merge reads them.
-* Two routes in the same run. hubmerge's is ``hubmerge.ner.score_tensors`` as a merge calls
-  it, without the cache: float64 Gram eigenvalues (SVD fallback for rank-deficient matrices),
-  on the CPU one single-threaded matrix per core. The reference is the public implementation's:
-  the same read, then ``torch.linalg.svdvals`` in float32, one matrix after another with
-  torch's threads (``--reference-threads`` to change them). Both turn singular values into NER
-  with the same function, so only the way to the spectrum differs.
+* Two routes in the same run. hubmerge's is ``hubmerge.methods.ner.scores.score_tensors`` as a merge
+  calls it, without the cache: float64 Gram eigenvalues (SVD fallback for rank-deficient matrices),
+  on the CPU one single-threaded matrix per core. The reference is the public implementation's: the
+  same read, then ``torch.linalg.svdvals`` in float32, one matrix after another with torch's threads
+  (``--reference-threads`` to change them). Both turn singular values into NER with the same
+  function, so only the way to the spectrum differs.
 * The machine may be shared and noisy, so the routes alternate block by block (embeddings and
   ``lm_head``, then each layer's matrices), and which goes first alternates too: a change of
   load hits both alike. Reported: seconds per route for the layers, the embeddings and lm_head
@@ -40,8 +40,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synth import SMALL, make_synthetic_llama  # noqa: E402
 
-from hubmerge import arch, ner  # noqa: E402
+from hubmerge import arch  # noqa: E402
 from hubmerge.devices import check_device  # noqa: E402
+from hubmerge.methods.ner import scores as ner  # noqa: E402
 from hubmerge.sources import ModelSource  # noqa: E402
 from hubmerge.tensorfile import TensorInfo, read_array, to_float32  # noqa: E402
 

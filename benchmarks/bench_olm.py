@@ -12,14 +12,20 @@ against what it replaces, in the same process and run so the machine's load hits
 * A layer swap (`load_layer`) copies one layer's tensors from safetensors into the loaded
   model. Target: <= 5% of a full evaluation (also shown against a candidate evaluation).
 * Generation (`exact` mode: greedy, batched, KV cache): tokens per second from
-  `WorkingModel.counters` (tokens up to each row's end of sequence, i.e. useful tokens).
+  `WorkingModel.counters` (tokens up to each row's end of sequence, or up to where its answer
+  has certainly missed the reference, i.e. useful tokens).
 * Few-shot prompts, as OLM's real datasets have: every sample gets solved samples of its own
   split as earlier turns until its prompt is `--prompt-ratio` (default 10) times its answer
   budget (exact's max_new_tokens: longest reference + 4). The same sweep as above in `exact`,
   `bigram` and `quality` mode (quality generates that same budget): a candidate starts its
   generation from the per-position prompt cache (hidden states entering layer p, KV cache of
-  layers < p). Target (exact): candidate / full <= 0.5 with the caching amortised over the
-  position's candidates. Scores must be bitwise equal to the full path's.
+  layers < p) and its decoding steps follow the trajectory the last whole-layer generation
+  recorded (layers p..L-1 only) while its open rows agree with it. Target (exact): candidate /
+  full <= 0.5 with the caching amortised over the position's candidates. Scores must be
+  bitwise equal to the full path's. Note that 0.5 is the floor of running layers p..L-1 alone
+  (the mean of (L - p) / L over p = 1..L-1); and the synthetic pool's random models answer
+  nothing alike, so no candidate follows a trajectory there: the zoo's few-shot sweep (trained
+  models) shows the trajectories at work (`trajectory_steps` in the counters).
 * The whole `hubmerge demo` as a user runs it: a subprocess, wall and CPU time.
 
 Fast and full evaluations must agree: at each position the candidate's prefix-cached scores
@@ -248,8 +254,8 @@ def few_shot(
     from transformers import AutoTokenizer
 
     from hubmerge import zoo
+    from hubmerge.answers import build_prompts
     from hubmerge.datasets import Sample, load_conversations
-    from hubmerge.generation import build_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(pool[0])
 

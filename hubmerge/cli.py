@@ -12,7 +12,7 @@ from collections.abc import Callable
 from enum import Enum
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import click
 import typer
@@ -22,6 +22,12 @@ from rich.table import Table
 
 from hubmerge.display import Display
 from hubmerge.errors import CardError, HubError, HubmergeError
+
+if TYPE_CHECKING:  # the command starts without loading what it prints
+    from hubmerge.card.results import Evaluation
+    from hubmerge.config import MergekitConfig
+    from hubmerge.hub import PublishResult
+    from hubmerge.plan import MergePlan
 
 app = typer.Typer(
     help="Compose language models from other models' layers and publish them to the Hub.",
@@ -95,10 +101,10 @@ def _interruptible(kept: Callable[..., str]) -> Callable[[F], F]:
 
 def _olm_kept(out_dir: Path) -> str | None:
     """What an interrupted OLM search leaves: its finished positions, resumed by a re-run."""
+    from hubmerge.folder import OLM_REPORT_FILE
     from hubmerge.merge import work_dir
-    from hubmerge.methods.olm.report import REPORT_FILE
 
-    if (work_dir(out_dir) / REPORT_FILE).is_file():
+    if (work_dir(out_dir) / OLM_REPORT_FILE).is_file():
         return (
             f"the OLM search so far is kept in {work_dir(out_dir)}; run the same command again "
             "to resume it"
@@ -153,7 +159,7 @@ def _main(
     """Compose language models from other models' layers and publish them to the Hub."""
 
 
-def print_plan(plan: Any, *, verbose: bool = False) -> None:
+def print_plan(plan: MergePlan, *, verbose: bool = False) -> None:
     """The layer map as a table: models by the names the card uses (Hub id, or local folder
     name), runs of layers taken in order from one model as one row; `verbose`: every layer,
     and models as the config names them (full paths).
@@ -170,7 +176,7 @@ def print_plan(plan: Any, *, verbose: bool = False) -> None:
     out.print(table)
 
 
-def print_parameters(config: Any) -> None:
+def print_parameters(config: MergekitConfig) -> None:
     """A mergekit method's parameters, per model or slice: what decides its blended tensors."""
     from hubmerge.methods.mergekit_run import parameter_tables
 
@@ -207,7 +213,7 @@ def merge(
     ] = False,
 ) -> None:
     """Build a model from other models' layers, as CONFIG describes, into OUT_DIR."""
-    from hubmerge.merge import RECIPE_FILE
+    from hubmerge.folder import RECIPE_FILE
     from hubmerge.merge import merge as run_merge
     from hubmerge.writer import parse_size
 
@@ -396,7 +402,7 @@ def eval_command(
     out.print(f"wrote {path}", highlight=False, markup=False, soft_wrap=True)
 
 
-def print_scores(evaluation: Any) -> None:
+def print_scores(evaluation: Evaluation) -> None:
     """The rows the card's evaluation section will show: the leaderboard's, then other tasks."""
     if evaluation.leaderboard:
         table = Table("Metric", "Value", title="Open LLM Leaderboard v2 (normalised)")
@@ -544,7 +550,7 @@ def _log(message: str) -> None:
     console.print(escape(message), highlight=False, soft_wrap=True)
 
 
-def print_published(result: Any) -> None:
+def print_published(result: PublishResult) -> None:
     """A dry run's files, sizes and card metadata; a real run's model (and PR) URL."""
     import yaml
     from rich.filesize import decimal

@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from hubmerge import arch
 from hubmerge.errors import ConfigError, quoted
 from hubmerge.limits import (
     MAX_CONFIG_BYTES,
@@ -183,7 +184,8 @@ class BlockExpansionConfig(_MergeConfig):
     model: Text
     interleave: PositiveLayerCount | None = None
     append: PositiveLayerCount | None = None
-    zero: Annotated[list[Text], Field(min_length=1)] = ["o_proj", "down_proj"]
+    #: Every supported architecture names its residual-output modules the same (`arch.SPECS`).
+    zero: Annotated[list[Text], Field(min_length=1)] = list(arch.RESIDUAL_OUTPUTS)
 
     @model_validator(mode="after")
     def _one_pattern(self) -> BlockExpansionConfig:
@@ -451,27 +453,27 @@ def _plain_sum(data: dict[str, Any]) -> bool:
 MergeConfig = (
     PassthroughConfig | BlockExpansionConfig | OlmConfig | NerConfig | LinearConfig | MergekitConfig
 )
-METHODS: dict[str, type[MergeConfig]] = {
-    "passthrough": PassthroughConfig,
-    "block_expansion": BlockExpansionConfig,
-    "olm": OlmConfig,
-    "ner": NerConfig,
-    "linear": LinearConfig,
-}
 
 
 def parse_config(data: Any, where: str) -> MergeConfig:
-    """Validate a config mapping; errors name `where` and the offending key."""
+    """Validate a config mapping; errors name `where` and the offending key.
+
+    `merge_method` chooses the config model from the method registry (`hubmerge.methods`).
+    """
+    # Imported here: the registry's methods are built on the config models of this module.
+    from hubmerge import methods
+
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of config keys, got {type(data).__name__}")
     _check_size(data, where)
     method = data.get("merge_method")
     if method is None:
-        raise ConfigError(f"{where}: missing key merge_method (one of: {', '.join(METHODS)})")
+        names = ", ".join(methods.NAMES)
+        raise ConfigError(f"{where}: missing key merge_method (one of: {names})")
     if not isinstance(method, str):
         raise ConfigError(f"{where}: merge_method: expected a method name, got {quoted(method)}")
     # Any other name is mergekit's to know (or refuse): `mergekit_run.validate`, before a merge.
-    model: type[MergeConfig] = METHODS.get(method, MergekitConfig)
+    model: type[MergeConfig] = methods.get(method).config
     if method == "linear" and _weighted_linear(data) and not _plain_sum(data):
         model = MergekitConfig  # a real weighted average: mergekit's, not a selection
     try:

@@ -10,8 +10,7 @@ taking the best donor or the obvious blend, and by how much.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +74,8 @@ def run_demo(out_dir: Path, *, force: bool = False, reporter: Reporter | None = 
     from transformers.utils import logging
 
     from hubmerge.card.render import write_card
+    from hubmerge.folder import OlmHeldout, OlmReport, read_report, write_report
     from hubmerge.merge import open_sources
-    from hubmerge.methods.olm.report import REPORT_FILE
     from hubmerge.methods.olm.search import all_candidates, whole_model_tensors
 
     logging.disable_progress_bar()
@@ -99,17 +98,17 @@ def run_demo(out_dir: Path, *, force: bool = False, reporter: Reporter | None = 
     donors = [Path(ref).name for ref in config.models]
     best = max(donors, key=lambda d: (composite(accuracy[d]), -donors.index(d)))
     margin = composite(accuracy[MERGED]) - composite(accuracy[best])
-    report_path = out_dir / REPORT_FILE
-    report = json.loads(report_path.read_text())
-    report["heldout"] = {
-        "metric": "exact match, greedy, chat template",
-        "datasets": {task: zoo.dataset_path(task, "heldout").name for task in DEMO_TASKS},
-        "accuracy": accuracy,
-        "merged": MERGED,
-        "best_donor": best,
-        "margin": margin,
-    }
-    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    report = read_report(out_dir, OlmReport)
+    assert report is not None  # the OLM merge just wrote it
+    heldout = OlmHeldout(
+        metric="exact match, greedy, chat template",
+        datasets={task: zoo.dataset_path(task, "heldout").name for task in DEMO_TASKS},
+        accuracy=accuracy,
+        merged=MERGED,
+        best_donor=best,
+        margin=margin,
+    )
+    write_report(replace(report, heldout=heldout), out_dir)
     write_card(out_dir)
     return DemoResult(result, accuracy, best, margin)
 
@@ -123,8 +122,8 @@ def _read(info: Any) -> Any:
 def _heldout(model: Any, tokenizer_ref: str) -> dict[str, float]:
     from transformers import AutoTokenizer
 
+    from hubmerge.answers import exact_match_accuracy
     from hubmerge.datasets import load_conversations
-    from hubmerge.generation import exact_match_accuracy
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_ref)
     model.eval()

@@ -23,7 +23,6 @@ import importlib.util
 import io
 import json
 import logging
-import os
 import re
 import sys
 import warnings
@@ -33,6 +32,7 @@ from typing import Any
 
 from hubmerge.card.facts import has_chat_template
 from hubmerge.errors import EvalError
+from hubmerge.folder import atomic_write
 
 #: The Open LLM Leaderboard v2 tasks (lm-eval names); `--preset leaderboard`.
 LEADERBOARD_TASKS = (
@@ -181,14 +181,12 @@ def run_eval(
             log_samples=False,
         )
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     # The same serialisation as `lm-eval --output_path` (numpy values, callables as text),
     # written aside and renamed: an interrupted write never leaves half a results file.
-    partial = output.with_name(f".{output.name}.partial")
-    partial.write_text(
-        json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n"
+    atomic_write(
+        output,
+        json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n",
     )
-    os.replace(partial, output)
     return output
 
 

@@ -43,18 +43,25 @@ from huggingface_hub.utils import (
     validate_repo_id,
 )
 
-from hubmerge import __version__
-from hubmerge.card import CARD_FILE, CARD_FILES
-from hubmerge.card.donors import load_donors
+from hubmerge import __version__, arch
 from hubmerge.card.results import is_results, shareable_results
 from hubmerge.config import HubSettings, load_config
 from hubmerge.errors import CardError, HubError, TokenError
-from hubmerge.merge import CONFIG_FILE
+from hubmerge.folder import (
+    CARD_FILE,
+    CARD_FILES,
+    CONFIG_FILE,
+    EVAL_RESULTS_FILE,
+    MODEL_CONFIG_FILE,
+    PLAN_FILE,
+    PublicNames,
+)
 
 T = TypeVar("T")
 
-#: Local bookkeeping (such as `hubmerge run`'s state file) that never goes to the Hub.
-LOCAL_ONLY_PATTERNS = [".hubmerge*"]
+#: Local bookkeeping (such as `hubmerge run`'s state file) that never goes to the Hub, and what
+#: a write killed before its rename leaves (`folder.partial_name`).
+LOCAL_ONLY_PATTERNS = [".hubmerge*", ".*.partial-*"]
 #: Weights on the Hub that the folder no longer has are deleted in the same commit: a re-merged
 #: model must never mix old and new shards (a stale index file would even load them).
 STALE_WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json"]
@@ -62,8 +69,6 @@ STALE_WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.bin", "
 WEIGHT_PATTERNS = ["*.safetensors", "*.bin"]
 #: Files that may name local donors by path, rewritten by `shareable_copy`.
 _TEXT_SUFFIXES = frozenset({".json", ".yml", ".yaml", ".md"})
-#: Text files whose strings are tokens, never paths: left exactly as they are.
-_VOCABULARY_FILES = frozenset({"tokenizer.json", "vocab.json"})
 #: How huggingface_hub spells "on" in environment variables.
 _TRUE = frozenset({"1", "ON", "YES", "TRUE"})
 #: HTTP statuses worth another try: the Hub or a proxy is briefly unwell, or rate-limits.
@@ -209,15 +214,13 @@ def card_for_repo(model_dir: Path, repo_id: str) -> str | None:
     """
     from hubmerge.card.folders import results_files
     from hubmerge.card.render import render_card
-    from hubmerge.merge import PLAN_FILE
-    from hubmerge.run import EVAL_RESULTS
 
     model_dir = Path(model_dir)
     path = model_dir / CARD_FILE
     if not (model_dir / PLAN_FILE).is_file() or not path.is_file():
         return None  # not a hubmerge model, or no card: nothing to render
     on_disk = path.read_text(encoding="utf-8")
-    own = [model_dir / EVAL_RESULTS] if (model_dir / EVAL_RESULTS).is_file() else []
+    own = [model_dir / EVAL_RESULTS_FILE] if (model_dir / EVAL_RESULTS_FILE).is_file() else []
     for results in ([], results_files(model_dir), own):
         try:
             if render_card(model_dir, results=results) == on_disk:
@@ -250,37 +253,21 @@ def shareable_copy(model_dir: Path, replaced: dict[str, str] | None = None) -> I
     """
     replaced = replaced or {}
     model_dir = Path(model_dir)
-    try:
-        donors = load_donors(model_dir)
-    except CardError:  # not written by `hubmerge merge`: nothing to translate
-        donors = {}
-    renames = dict((ref, d.name) for ref, d in donors.items() if not d.hub and ref != d.name)
-    for folder in {model_dir.absolute(), model_dir.resolve()}:
-        renames.setdefault(str(folder), model_dir.name)
-    home = str(Path.home())
-    if len(home) > 1:
-        renames.setdefault(home + os.sep, "~" + os.sep)
-    # Longest first, since a path may contain another; a name, never the start of a longer one.
-    pattern = re.compile(
-        "|".join(
-            re.escape(ref) + ("" if ref.endswith(("/", "\\")) else r"(?![\w.-])")
-            for ref in sorted(renames, key=len, reverse=True)
-        )
-    )
+    names = PublicNames.of(model_dir)
     with tempfile.TemporaryDirectory(prefix="hubmerge-publish-") as tmp:
         for file in sorted(p for p in model_dir.rglob("*") if p.is_file()):
             name = file.relative_to(model_dir).as_posix()
             target = Path(tmp) / name
             target.parent.mkdir(parents=True, exist_ok=True)
             if name in replaced or (
-                file.suffix in _TEXT_SUFFIXES and file.name not in _VOCABULARY_FILES
+                file.suffix in _TEXT_SUFFIXES and file.name not in arch.VOCABULARY_FILES
             ):
                 # Bytes that are not UTF-8 pass through unchanged.
                 text = replaced.get(name) or file.read_text(
                     encoding="utf-8", errors="surrogateescape"
                 )
                 shared = _shareable_json(text, model_dir)
-                shared = pattern.sub(lambda match: renames[match.group(0)], shared)
+                shared = names.text(shared)
                 if shared != text or name in replaced:
                     target.write_text(shared, encoding="utf-8", errors="surrogateescape")
                     continue
@@ -411,7 +398,7 @@ def upload_files(model_dir: Path, *, card_only: bool = False) -> tuple[UploadFil
     """
     if not model_dir.is_dir():
         raise HubError(f"{model_dir}: no such model folder")
-    if not (model_dir / "config.json").is_file():
+    if not (model_dir / MODEL_CONFIG_FILE).is_file():
         raise HubError(f"{model_dir}: not a model folder (no config.json)")
     paths = {p.relative_to(model_dir).as_posix(): p for p in model_dir.rglob("*") if p.is_file()}
     chosen = list(
@@ -433,7 +420,7 @@ def upload_files(model_dir: Path, *, card_only: bool = False) -> tuple[UploadFil
 
 def read_frontmatter(model_dir: Path) -> dict[str, Any] | None:
     """The model card's YAML metadata, checked here so a bad card fails before any upload."""
-    readme = model_dir / "README.md"
+    readme = model_dir / CARD_FILE
     if not readme.is_file():
         return None
     try:

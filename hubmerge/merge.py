@@ -6,73 +6,29 @@ every source's files and headers, architecture and shape compatibility, and the 
 
 from __future__ import annotations
 
-import json
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from hubmerge import arch
-from hubmerge.config import (
-    BlockExpansionConfig,
-    LinearConfig,
-    MergeConfig,
-    MergekitConfig,
-    NerConfig,
-    OlmConfig,
-    PassthroughConfig,
-    load_config,
-)
+from hubmerge import arch, methods
+from hubmerge.card.donors import describe_sources
+from hubmerge.config import MergeConfig, load_config
 from hubmerge.devices import check_device
 from hubmerge.errors import CardError, SourceError
-from hubmerge.methods import block_expansion, linear, mergekit_run, ner, olm, passthrough
-from hubmerge.plan import MergePlan, recipe_yaml
+from hubmerge.folder import (
+    SOURCES_FILE,
+    sources_json,
+    write_config,
+    write_plan,
+    write_report,
+)
+from hubmerge.methods.base import Context, Method, Planned, Reporter
+from hubmerge.plan import MergePlan
+from hubmerge.recipe import plan_recipe, write_recipe
 from hubmerge.sources import ModelSource
 from hubmerge.writer import Progress, staged_output, write_model
-
-RECIPE_FILE = "mergekit_config.yml"
-CONFIG_FILE = "hubmerge_config.yml"
-PLAN_FILE = "hubmerge_plan.json"
-
-
-@dataclass(frozen=True)
-class MergeContext:
-    """What a method may need beyond its config: where reports go and where to compute."""
-
-    out_dir: Path
-    #: The staging folder that becomes `out_dir`; None on a dry run (write nothing).
-    staging: Path | None
-    #: `--device`; None lets the method decide (its config's `device`, else the CPU).
-    device: str | None = None
-    #: A hidden sibling folder for state that must survive a failed run (OLM's report), removed
-    #: once the output is complete; None on a dry run.
-    work_dir: Path | None = None
-    #: Discard saved state instead of resuming from it.
-    restart: bool = False
-    reporter: Reporter | None = None
-
-
-class Reporter(Protocol):
-    """How long-running methods show progress: bars with ETA and one-line log messages."""
-
-    def progress(self, description: str, total: int) -> Callable[[], None]:
-        """Start a bar of `total` steps; returns the function that advances it by one."""
-        ...
-
-    def log(self, message: str) -> None: ...
-
-
-Planner = Callable[[Any, Mapping[str, ModelSource], MergeContext], MergePlan]
-PLANNERS: dict[type, Planner] = {
-    PassthroughConfig: lambda c, s, _: passthrough.plan(c, s),
-    BlockExpansionConfig: lambda c, s, _: block_expansion.plan(c, s),
-    OlmConfig: olm.plan,
-    NerConfig: ner.plan,
-    LinearConfig: lambda c, s, _: linear.plan(c, s),
-    # mergekit computes the tensors; its plan is the merge's lineage and depth.
-    MergekitConfig: lambda c, s, _: mergekit_run.plan(c, s),
-}
 
 
 @dataclass
@@ -107,16 +63,6 @@ def check_compatible(sources: Mapping[str, ModelSource]) -> None:
                     f"{first.ref}'s {first.config.get(key)}"
                 )
         source.layers  # noqa: B018 - validates the layer tensors before anything is written
-
-
-def write_config(config: MergeConfig, folder: Path) -> None:
-    """Write `CONFIG_FILE`, the config as given (the card reads its `hub:` and `card:` from it)."""
-    (folder / CONFIG_FILE).write_text(config_yaml(config))
-
-
-def config_yaml(config: MergeConfig) -> str:
-    """The text of `CONFIG_FILE` for `config`, so a copy on disk can be compared with it."""
-    return recipe_yaml(config.model_dump(mode="json", exclude_none=True))
 
 
 def work_dir(out_dir: Path) -> Path:
@@ -169,26 +115,25 @@ def merge(
     where = str(config) if isinstance(config, Path) else "config"
     if isinstance(config, Path):
         config = load_config(config)
-    if isinstance(config, MergekitConfig):
-        mergekit_run.validate(config, where)
+    method = methods.for_config(config)
+    if method.validate is not None:
+        method.validate(config, where)
     if dtype is not None:
         config = config.model_copy(update={"out_dtype": dtype})
     check_options(config, device=device, card=card)
     sources = open_sources(config.referenced_models(), allow_pickle=allow_pickle)
-    planner = PLANNERS[type(config)]
     if dry_run:
-        plan = planner(config, sources, MergeContext(out_dir, None, device, reporter=reporter))
-        return MergeResult(plan, _recipe(config, plan, sources), None, config)
+        planned = method.plan(config, sources, Context(device, reporter=reporter))
+        return MergeResult(planned.plan, _recipe(method, config, planned, sources), None, config)
     out_dir = Path(out_dir).absolute()
     work = work_dir(out_dir)
     with staged_output(out_dir, force=force) as staging:
-        context = MergeContext(out_dir, staging, device, work, restart, reporter)
-        plan = planner(config, sources, context)
-        recipe = _recipe(config, plan, sources)
-        if isinstance(config, MergekitConfig):
-            if reporter:
-                reporter.log(f"mergekit computes the {config.merge_method} merge")
-            mergekit_run.write(
+        planned = method.plan(config, sources, Context(device, work, restart, reporter))
+        plan = planned.plan
+        recipe = _recipe(method, config, planned, sources)
+        reports = list(planned.reports)
+        if method.write is not None:
+            reports += method.write(
                 config,
                 plan,
                 sources,
@@ -196,27 +141,34 @@ def merge(
                 shard_size=shard_size,
                 device=device,
                 allow_pickle=allow_pickle,
+                reporter=reporter,
             )
         else:
             write_model(plan, sources, staging, shard_size=shard_size, progress=progress)
-        (staging / RECIPE_FILE).write_text(recipe_yaml(recipe))
-        (staging / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+        for report in reports:
+            write_report(report, staging)
+        write_recipe(recipe, staging)
+        write_plan(plan, staging)
         write_config(config, staging)
-        # Imported here: hubmerge.card reads the file names this module defines.
-        from hubmerge.card import SOURCES_FILE, sources_json, write_card
-
         # Written even without a card, so that `hubmerge card` can render one later.
-        (staging / SOURCES_FILE).write_text(sources_json(sources))
+        (staging / SOURCES_FILE).write_text(sources_json(describe_sources(sources)))
         if card:
+            # Imported here: the merge writes the card; the card reads only the folder.
+            from hubmerge.card import write_card
+
             write_card(staging, name=out_dir.name)
     shutil.rmtree(work, ignore_errors=True)
     return MergeResult(plan, recipe, out_dir, config)
 
 
 def _recipe(
-    config: MergeConfig, plan: MergePlan, sources: Mapping[str, ModelSource]
+    method: Method,
+    config: MergeConfig,
+    planned: Planned,
+    sources: Mapping[str, ModelSource],
 ) -> dict[str, Any]:
-    """The recipe that rebuilds the model: the plan's, or for mergekit's methods the config."""
-    if isinstance(config, MergekitConfig):
-        return mergekit_run.recipe(config, sources)
-    return plan.to_recipe(sources)
+    """The recipe that rebuilds the model: the method's own (mergekit's methods: the config),
+    else the plan's, computed once."""
+    if method.recipe is not None:
+        return method.recipe(config, sources)
+    return planned.recipe if planned.recipe is not None else plan_recipe(planned.plan, sources)

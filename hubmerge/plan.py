@@ -1,8 +1,8 @@
 """The merge plan: which source tensor, scaled by what, lands where.
 
-Every method compiles to a `MergePlan`; one writer executes every plan. A plan also prints as a
-mergekit-compatible passthrough YAML (`to_recipe`), which `hubmerge merge` (and mergekit) turn
-back into the same model, so every merged model carries the recipe that rebuilds it.
+Every method compiles to a `MergePlan`; one writer executes every plan. `recipe.py` prints a
+plan as the mergekit config that `hubmerge merge` (and mergekit) turn back into the same model,
+so every merged model carries the recipe that rebuilds it.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
-
-import yaml
 
 from hubmerge import arch
 from hubmerge.sources import ModelSource
@@ -169,7 +167,7 @@ class MergePlan:
             for suffix, source in layer.overrides.items():
                 by_source.setdefault(source, []).append(suffix)
             for (model, source_layer), suffixes in by_source.items():
-                modules = ", ".join(dict.fromkeys(_module(s) for s in suffixes))
+                modules = ", ".join(dict.fromkeys(module_of(s) for s in suffixes))
                 scales = {s: v for s, v in layer.scales.items() if s in suffixes}
                 rows.append((f"{index}: {modules}", model, str(source_layer), _scales_text(scales)))
         rows.append(("head", _edge_text(self.head), "-", _scales_text(self.head.scales)))
@@ -240,109 +238,6 @@ class MergePlan:
             out_dtype=data.get("out_dtype"),
             models=data["models"],
         )
-
-    def to_recipe(self, sources: Mapping[str, ModelSource]) -> dict[str, Any]:
-        """The mergekit passthrough config that rebuilds this plan exactly.
-
-        Consecutive layers of one model with equal scales become one slice. Scales become
-        `{filter, value}` rules checked against mergekit's first-match substring semantics.
-        When the embeddings or head come from another model than the first or last layer,
-        a zero-width slice names their donor, as mergekit expects. Passthrough cannot take
-        single tensors from other models nor blend them: a plan with overrides or blends
-        becomes a `linear` recipe.
-        Hub models are pinned to the commit that was read (`pin_models`).
-        """
-        if (
-            self.embed.blends
-            or self.head.blends
-            or any(layer.overrides or layer.blends for layer in self.layers)
-        ):
-            # Imported here: the linear method builds on this module.
-            from hubmerge.methods.linear import selection_recipe
-
-            return pin_models(selection_recipe(self, sources), sources)
-        groups: list[tuple[str, int, int, dict[str, float]]] = []
-        for layer in self.layers:
-            last = groups[-1] if groups else None
-            if (
-                last
-                and last[0] == layer.model
-                and last[2] == layer.layer
-                and last[3] == layer.scales
-            ):
-                groups[-1] = (last[0], last[1], last[2] + 1, last[3])
-            else:
-                groups.append((layer.model, layer.layer, layer.layer + 1, dict(layer.scales)))
-        if groups[0][0] != self.embed.model or self.embed.scales:
-            groups.insert(0, (self.embed.model, 0, 0, {}))
-        if groups[-1][0] != self.head.model or self.head.scales:
-            n = sources[self.head.model].num_layers
-            groups.append((self.head.model, n, n, {}))
-
-        slices = []
-        for i, (model, start, end, scales) in enumerate(groups):
-            source: dict[str, Any] = {"model": model, "layer_range": [start, end]}
-            owned = {
-                arch.layer_name(j, s): scales.get(s, 1.0)
-                for j in range(start, end)
-                for s in sources[model].layers[j]
-            }
-            if i == 0:
-                owned |= {
-                    n: self.embed.scales.get(n, 1.0) for n in edge_tensors(sources[model], pre=True)
-                }
-            if i == len(groups) - 1:
-                owned |= {
-                    n: self.head.scales.get(n, 1.0) for n in edge_tensors(sources[model], pre=False)
-                }
-            rules = filter_rules(owned)
-            if rules:
-                source["parameters"] = {"scale": rules}
-            slices.append({"sources": [source]})
-        return pin_models(self.recipe_with("passthrough", slices), sources)
-
-    def recipe_with(self, method: str, slices: list[dict[str, Any]]) -> dict[str, Any]:
-        """A mergekit config of `method` over `slices`, with this plan's donors and dtypes."""
-        recipe: dict[str, Any] = {
-            "merge_method": method,
-            "base_model": self.donor,
-            "slices": slices,
-        }
-        if self.tokenizer != self.donor:
-            recipe["tokenizer_source"] = self.tokenizer
-        if self.dtype:
-            recipe["dtype"] = self.dtype
-        if self.out_dtype and self.out_dtype != self.dtype:
-            recipe["out_dtype"] = self.out_dtype
-        return recipe
-
-
-#: The keys of a mergekit config whose values name a model.
-_MODEL_KEYS = ("model", "base_model", "tokenizer_source")
-
-
-def pin_models(recipe: Any, sources: Mapping[str, ModelSource]) -> Any:
-    """`recipe` (a mergekit config, or any part of one) with every model reference pinned.
-
-    A Hub model becomes `org/name@<commit>`, the commit its files were read from, so the recipe
-    rebuilds the same model after the donor is updated on the Hub; local folders stay as given.
-    Every method that writes a mergekit config passes it through here.
-    """
-    if isinstance(recipe, list):
-        return [pin_models(item, sources) for item in recipe]
-    if not isinstance(recipe, dict):
-        return recipe
-    pinned = {}
-    for key, value in recipe.items():
-        if key in _MODEL_KEYS and isinstance(value, str) and value in sources:
-            pinned[key] = sources[value].pinned
-        else:
-            pinned[key] = pin_models(value, sources)
-    return pinned
-
-
-def recipe_yaml(recipe: dict[str, Any]) -> str:
-    return yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None, width=100)
 
 
 def edge_tensors(source: ModelSource, *, pre: bool) -> dict[str, TensorInfo]:
@@ -425,7 +320,7 @@ def _blend_rows(index: int, layer: LayerPlan) -> list[tuple[str, str, str, str]]
         return [(str(index), text, layers[text], "1.0")]
     rows = [(str(index), layer.model, str(layer.layer), _scales_text(layer.scales))]
     for text, suffixes in parts.items():
-        modules = ", ".join(dict.fromkeys(_module(s) for s in suffixes))
+        modules = ", ".join(dict.fromkeys(module_of(s) for s in suffixes))
         rows.append((f"{index}: {modules}", text, layers[text], "1.0"))
     return rows
 
@@ -468,40 +363,13 @@ def _scales_text(scales: Mapping[str, float]) -> str:
         return "1.0"
     by_value: dict[float, list[str]] = {}
     for name, value in scales.items():
-        by_value.setdefault(value, []).append(_module(name))
+        by_value.setdefault(value, []).append(module_of(name))
     return ", ".join(
         f"{'/'.join(sorted(set(names)))} x{value:g}" for value, names in by_value.items()
     )
 
 
-def _module(name: str) -> str:
+def module_of(name: str) -> str:
     """`model.layers.3.self_attn.o_proj.weight` -> `o_proj`: the short name people write."""
     parts = name.split(".")
     return parts[-2] if parts[-1] in ("weight", "bias") and len(parts) > 1 else parts[-1]
-
-
-def filter_rules(owned: Mapping[str, float], default: float = 1.0) -> list[dict[str, Any]]:
-    """Filter rules that give every tensor in `owned` (source name -> value) its value.
-
-    Prefers the short module name (`o_proj`), falling back to the tensor's full name when the
-    short filter would also catch a tensor that must keep another value. A final catch-all
-    rule gives the rest `default`.
-    """
-    scaled = {n: v for n, v in owned.items() if v != default}
-    if not scaled:
-        return []
-    rules: list[dict[str, Any]] = []
-    covered: set[str] = set()
-    for name, value in scaled.items():
-        if name in covered:
-            continue
-        short = _module(name)
-        hits = {n for n in owned if short in n and n not in covered}
-        if all(owned[n] == value for n in hits):
-            rules.append({"filter": short, "value": value})
-            covered |= hits
-        else:
-            rules.append({"filter": name, "value": value})
-            covered.add(name)
-    rules.append({"value": default})
-    return rules

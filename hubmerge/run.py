@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -25,15 +24,13 @@ from typing import TYPE_CHECKING, Any
 from hubmerge import hub
 from hubmerge.config import HubSettings, MergeConfig, load_config
 from hubmerge.errors import OutputError
+from hubmerge.folder import EVAL_RESULTS_FILE, RUN_STATE_FILE, atomic_write, json_text, write_config
 
 if TYPE_CHECKING:  # the merge engine (and torch) load only when a merge runs
     from hubmerge.evals import Counter
-    from hubmerge.merge import Reporter
+    from hubmerge.methods.base import Reporter
     from hubmerge.writer import Progress
 
-STATE_FILE = ".hubmerge_run.json"
-#: Where the eval stage writes lm-eval's results: inside OUT_DIR, so they are published too.
-EVAL_RESULTS = "eval_results.json"
 _STATE_VERSION = 1
 
 
@@ -122,20 +119,19 @@ def run(
         run_eval(
             out_dir,
             eval_tasks,
-            output=out_dir / EVAL_RESULTS,
+            output=out_dir / EVAL_RESULTS_FILE,
             limit=limit,
             device=device,
             progress=eval_progress,
         )
-        return {"tasks": eval_tasks, "limit": limit, "results": EVAL_RESULTS}
+        return {"tasks": eval_tasks, "limit": limit, "results": EVAL_RESULTS_FILE}
 
     def do_card() -> dict[str, Any]:
         from hubmerge.card import write_card
-        from hubmerge.merge import write_config
 
         # The card reads `hub:` and `card:` from the config in the folder: bring it up to date.
         write_config(config, out_dir)
-        write_card(out_dir, results=[out_dir / EVAL_RESULTS] if eval_tasks else [])
+        write_card(out_dir, results=[out_dir / EVAL_RESULTS_FILE] if eval_tasks else [])
         return {}
 
     def do_publish() -> dict[str, Any]:
@@ -156,7 +152,7 @@ def run(
         stages.append(_Stage("eval", _chain(stages, eval_tasks, limit), do_eval))
     elif "eval" in recorded:
         # An earlier run's results would otherwise be published beside a card without them.
-        (out_dir / EVAL_RESULTS).unlink(missing_ok=True)
+        (out_dir / EVAL_RESULTS_FILE).unlink(missing_ok=True)
     sections = config.model_dump(mode="json", include={"hub", "card"})
     stages.append(_Stage("card", _chain(stages, sections), do_card))
     if settings.repo_id:
@@ -188,7 +184,7 @@ def run(
 def finished_stages(out_dir: Path) -> list[str]:
     """The stages a run into `out_dir` has finished, in order (none when it has no state)."""
     try:
-        return list(json.loads((Path(out_dir) / STATE_FILE).read_text())["stages"])
+        return list(json.loads((Path(out_dir) / RUN_STATE_FILE).read_text())["stages"])
     except (OSError, ValueError, KeyError, TypeError):
         return []
 
@@ -226,7 +222,7 @@ def _load_state(out_dir: Path, fingerprint: str, *, force: bool) -> dict[str, An
     """The stages an earlier run finished in `out_dir`, by name; none for a new or forced run."""
     if not out_dir.exists() or force:
         return {}
-    path = out_dir / STATE_FILE
+    path = out_dir / RUN_STATE_FILE
     try:
         state = json.loads(path.read_text())
     except FileNotFoundError:
@@ -247,7 +243,4 @@ def _load_state(out_dir: Path, fingerprint: str, *, force: bool) -> dict[str, An
 def _save_state(out_dir: Path, fingerprint: str, stages: dict[str, Any]) -> None:
     # Written aside and renamed, so a crash mid-write never leaves a state that cannot be read.
     state = {"version": _STATE_VERSION, "fingerprint": fingerprint, "stages": stages}
-    path = out_dir / STATE_FILE
-    partial = path.with_name(f"{path.name}.partial")
-    partial.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(partial, path)
+    atomic_write(out_dir / RUN_STATE_FILE, json_text(state))

@@ -29,6 +29,8 @@ CONFIG_PATTERNS = ["config.json", "model.safetensors.index.json"]
 SUPPORT_PATTERNS = [
     "config.json",
     "generation_config.json",
+    # Globs, so variants (`tokenizer.model.v3`, `spiece.model`) come too; they cover every name
+    # of `arch.TOKENIZER_FILES`, which a merge copies.
     "tokenizer*",
     "special_tokens_map.json",
     "added_tokens.json",
@@ -212,6 +214,11 @@ class ModelSource:
         return f"{self.name}@{self.revision}" if self.revision else self.ref
 
     @property
+    def spec(self) -> arch.ArchSpec:
+        """How this model's architecture names its tensors (`arch.SPECS`)."""
+        return arch.spec(self.config, self.ref)
+
+    @property
     def num_layers(self) -> int:
         return arch.num_layers(self.config, self.ref)
 
@@ -224,14 +231,15 @@ class ModelSource:
         `num_hidden_layers`, and every layer has the tensors its siblings have (a layer written
         short would load as garbage, or not at all).
         """
+        spec = self.spec
         layers: list[dict[str, TensorInfo]] = [{} for _ in range(self.num_layers)]
         for name, info in self.tensors.items():
-            if not name.startswith(arch.LAYER_PREFIX):
+            if not name.startswith(spec.layer_prefix):
                 continue
-            parsed = arch.split_layer_name(name)
+            parsed = spec.split_layer_name(name)
             if parsed is None:
                 raise SourceError(
-                    f"{self.ref}: tensor {quoted(name)} is not named model.layers.N.NAME "
+                    f"{self.ref}: tensor {quoted(name)} is not named {spec.layer_prefix}N.NAME "
                     "with N a plain layer number"
                 )
             index, suffix = parsed
@@ -252,7 +260,8 @@ class ModelSource:
 
     @property
     def non_layer(self) -> dict[str, TensorInfo]:
-        return {n: t for n, t in self.tensors.items() if not n.startswith(arch.LAYER_PREFIX)}
+        prefix = self.spec.layer_prefix
+        return {n: t for n, t in self.tensors.items() if not n.startswith(prefix)}
 
 
 def _check_links(folder: Path, ref: str) -> None:

@@ -21,6 +21,7 @@ from typing import Protocol
 
 from hubmerge import arch
 from hubmerge.errors import ConfigError, OutputError, SourceError
+from hubmerge.folder import INDEX_FILE, MODEL_CONFIG_FILE, json_text
 from hubmerge.plan import MergePlan, OutputTensor
 from hubmerge.sources import ModelSource
 from hubmerge.tensorfile import (
@@ -33,19 +34,6 @@ from hubmerge.tensorfile import (
     weighted_sum,
 )
 
-#: Tokenizer files copied from the tokenizer donor (chat template included).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 _UNITS = {
     "": 1,
     "B": 1,
@@ -168,7 +156,7 @@ def write_model(
             "metadata": {"total_size": sum(p.nbytes for p in planned)},
             "weight_map": weight_map,
         }
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (out_dir / INDEX_FILE).write_text(json_text(index))
     _write_config(plan, sources, planned, out_dir)
     _copy_support_files(plan, sources, out_dir)
 
@@ -236,17 +224,17 @@ def _write_config(
     plan: MergePlan, sources: Mapping[str, ModelSource], planned: list[_Planned], out_dir: Path
 ) -> None:
     donor = sources[plan.donor].config
-    dtype = plan.out_dtype or plan.dtype or donor.get("dtype") or donor.get("torch_dtype")
+    dtype = plan.out_dtype or plan.dtype or arch.config_dtype(donor)
     if dtype is None:
         dtype = DTYPE_NAMES.get(planned[0].out, "float32")
     layer_sources = [(sources[layer.model].config, layer.layer) for layer in plan.layers]
     config = arch.rewrite_config(donor, layer_sources, dtype)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (out_dir / MODEL_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _copy_support_files(plan: MergePlan, sources: Mapping[str, ModelSource], out_dir: Path) -> None:
     wanted = [(sources[plan.donor], "generation_config.json")]
-    wanted += [(sources[plan.tokenizer], name) for name in TOKENIZER_FILES]
+    wanted += [(sources[plan.tokenizer], name) for name in arch.TOKENIZER_FILES]
     for source, name in wanted:
         if (path := source.file(name)) is not None:  # checked: a plain file of the model's
             shutil.copyfile(path, out_dir / name)

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,10 +17,13 @@ import torch
 import yaml
 from huggingface_hub import ModelCard
 
+from hubmerge import zoo
 from hubmerge.card import render_card
 from hubmerge.card.results import load_results
 from hubmerge.config import OlmConfig
-from hubmerge.merge import PLANNERS
+from hubmerge.folder import DatasetScores, OlmPosition, OlmReport, OlmSelection, read_report
+from hubmerge.methods import olm
+from hubmerge.methods.base import Planned
 from hubmerge.plan import EdgePlan, LayerPlan, MergePlan
 from tests.helpers import cache_repo, run_cli, tensors, write_yaml
 
@@ -86,49 +90,47 @@ def card_of(folder: Path) -> ModelCard:
 
 
 def fake_olm(monkeypatch: pytest.MonkeyPatch) -> None:
-    """OLM's planner replaced by a recorded search, in the layout OLM's merge_report.json has.
+    """OLM's planner replaced by a recorded search: a hand-made `OlmReport`, the type OLM writes.
 
-    The card reads only the report and the plan, so replaying one keeps this test about cards
-    (and fast) while using the real merge, staging and card path.
+    The card reads only the report and the plan, so replaying one keeps the golden card fixed
+    (and fast) while using the real merge, staging and card path. `olm_run` below renders
+    from a real search instead.
     """
 
-    def planner(config: OlmConfig, sources: object, context: object) -> MergePlan:
+    def planner(config: OlmConfig, sources: object, context: object) -> Planned:
         a, b = config.models
         dataset = next(iter(config.dataset))
 
-        def scores(value: float) -> dict:
+        def scores(value: float) -> DatasetScores:
             return {dataset: {"score": value, "tiebreak": 0.0}}
 
-        report = {
-            "version": 1,
-            "fingerprint": "f" * 64,
-            "direction": config.direction,
-            "aggregate": config.aggregate,
-            "datasets": {dataset: config.dataset[dataset].mode},
-            "base_model": a,
-            "base_selection": {
-                "scores": {a: scores(0.5), b: scores(0.75)},
-                "merit": {a: 1.0, b: 2.0},
-            },
-            "base_scores": scores(0.5),
-            "layers": [
-                {
-                    "layer": layer,
-                    "candidates": [a, b],
-                    "current": a,
-                    "scores": {a: scores(0.5), b: scores(0.25 if layer == 2 else 0.625)},
-                    "metrics": {dataset: {a: 0.5, b: 0.25 if layer == 2 else 0.625}},
-                    "merit": {a: 2.0 if layer == 2 else 1.0, b: 1.0 if layer == 2 else 2.0},
-                    "best_model": b if layer == 2 else a,
-                    "seconds": 0.5,
-                }
+        report = OlmReport(
+            version=1,
+            fingerprint="f" * 64,
+            direction=config.direction,
+            aggregate=config.aggregate,
+            datasets={dataset: config.dataset[dataset].mode},
+            base_model=a,
+            base_selection=OlmSelection({a: scores(0.5), b: scores(0.75)}, {a: 1.0, b: 2.0}),
+            base_scores=scores(0.5),
+            layers=[
+                OlmPosition(
+                    layer=layer,
+                    part=None,
+                    candidates=[a, b],
+                    current=a,
+                    scores={a: scores(0.5), b: scores(0.25 if layer == 2 else 0.625)},
+                    metrics={dataset: {a: 0.5, b: 0.25 if layer == 2 else 0.625}},
+                    merit={a: 2.0 if layer == 2 else 1.0, b: 1.0 if layer == 2 else 2.0},
+                    best_model=b if layer == 2 else a,
+                    seconds=0.5,
+                )
                 for layer in (3, 2, 1, 0)
             ],
-            "complete": True,
-        }
-        (context.staging / "merge_report.json").write_text(json.dumps(report, indent=2))
+            complete=True,
+        )
         winners = [a, a, b, a]
-        return MergePlan(
+        plan = MergePlan(
             method="olm",
             layers=[LayerPlan(m, i) for i, m in enumerate(winners)],
             embed=EdgePlan(a),
@@ -137,8 +139,9 @@ def fake_olm(monkeypatch: pytest.MonkeyPatch) -> None:
             tokenizer=a,
             models=[a, b],
         )
+        return Planned(plan, (report,))
 
-    monkeypatch.setitem(PLANNERS, OlmConfig, planner)
+    monkeypatch.setattr(olm, "METHOD", replace(olm.METHOD, planner=planner))
 
 
 def test_golden_passthrough_card_and_layer_map(local: Callable[[str], str]) -> None:
@@ -252,29 +255,82 @@ def test_no_card_then_card_command(local: Callable[[str], str]) -> None:
     assert Path("cards/layer_map.svg").exists()
 
 
-def test_nothing_machine_specific_in_a_card(
-    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Absolute model and dataset paths (as users often write them) never reach the card."""
-    fake_olm(monkeypatch)
-    data = tmp_path / "private" / "add.json"
+@pytest.fixture(scope="module")
+def olm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real OLM search on the shipped zoo, once for this module: two models, the addition
+    set under an absolute, private-looking path, few samples. Merged without a card; tests
+    copy the folder and render from the report the search wrote."""
+    root = tmp_path_factory.mktemp("olm")
+    data = root / "private" / "add.json"
     data.parent.mkdir()
-    data.write_text("[]")
-    results = json.loads(ZOO_RESULTS.read_text())
-    results["config"]["model"] = str(tmp_path / "out")
-    Path("results.json").write_text(json.dumps(results))
+    shutil.copyfile(zoo.dataset_path("add", "selection"), data)
     config = {
         "merge_method": "olm",
-        "models": [str(models["llama"]), str(models["llama_b"])],
+        "models": [str(zoo.model_path("tiny-base")), str(zoo.model_path("tiny-add"))],
         "dataset": {str(data): {"mode": "exact"}},
+        "samples": 6,
+        "batch_size": 6,
     }
-    out = merge(config)
+    out = root / "out"
+    from hubmerge.methods.olm import search
+
+    saved: list[str] = []
+    real_save = search.save_report
+
+    def keep(path: Path, report: dict) -> None:  # the search's own record, as it saves it
+        saved.append(json.dumps(report))
+        real_save(path, report)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(search, "save_report", keep)
+        result = run_cli("merge", write_yaml(root / "olm.yaml", config), out, "--no-card")
+    assert result.exit_code == 0, result.output
+    (root / "search_state.json").write_text(saved[-1])
+    return out
+
+
+def test_the_olm_card_shows_the_search_the_planner_ran(olm_run: Path) -> None:
+    """Every decided position of the real report is a table row with its candidates' scores,
+    the winner in bold; the base selection lists every starting candidate."""
+    report = read_report(olm_run, OlmReport)
+    assert report is not None and report.complete and report.layers
+    text = render_card(olm_run)
+    name = {str(zoo.model_path(m)): m for m in ("tiny-base", "tiny-add")}
+    assert report.base_model is not None
+    assert f"The base model is **{name[report.base_model]}**" in text
+    assert report.base_selection is not None
+    for model, scores in report.base_selection.scores.items():
+        score = f"{scores[str(next(iter(report.datasets)))]['score']:.4g}"
+        label = f"**{name[model]}**" if model == report.base_model else name[model]
+        assert f"| {label} | {score} |" in text, (label, score)
+    for position in report.layers:
+        for model in position.candidates:
+            score = next(iter(position.scores[model].values()))["score"]
+            label = f"**{name[model]}**" if model == position.best_model else name[model]
+            assert f"| {position.layer} | {label} | {score:.4g} |" in text, (position, model)
+    # The typed report holds all the search recorded, and reads back as it was written: one
+    # layout for the search, the merge's writer and the card.
+    written = json.loads((olm_run / "merge_report.json").read_text())
+    assert written == json.loads((olm_run.parent / "search_state.json").read_text())
+    assert report.to_json() == written
+
+
+def test_nothing_machine_specific_in_a_card(olm_run: Path, tmp_path: Path) -> None:
+    """Absolute model and dataset paths (as users often write them) never reach the card."""
+    out = tmp_path / "out"
+    shutil.copytree(olm_run, out)
+    results = json.loads(ZOO_RESULTS.read_text())
+    results["config"]["model"] = str(out)
+    Path("results.json").write_text(json.dumps(results))
     assert run_cli("card", out, "--results", "results.json").exit_code == 0
     written = (out / "README.md").read_text() + (out / "layer_map.svg").read_text()
-    for secret in {str(tmp_path), str(models["llama"].parent), str(Path.home())}:
+    models = str(zoo.model_path("tiny-base").parent)
+    config_text = (out / "hubmerge_config.yml").read_text()
+    assert str(olm_run.parent) in config_text and models in config_text  # the inputs hold them
+    for secret in {str(tmp_path), str(olm_run.parent), models, str(Path.home())}:
         assert secret not in written
     assert not re.search(r"(^|[\s`'\"(])/(tmp|home|root|Users)/", written, re.MULTILINE)
-    assert "`add.json` (exact)" in written and "| **llama_b** |" in written
+    assert "`add.json` (exact)" in written and "| **tiny-" in written
 
 
 def test_base_model_lists_only_hub_donors_and_license_is_inherited(
@@ -372,8 +428,6 @@ def test_a_task_in_two_results_files(local: Callable[[str], str]) -> None:
 
 def test_usage_snippet_runs(tmp_path: Path) -> None:
     """The card's transformers snippet, pointed at the folder, loads and chats."""
-    from hubmerge import zoo
-
     shutil.copytree(zoo.model_path("tiny-base"), "chat")  # a real chat model: template included
     out = merge({"merge_method": "block_expansion", "model": "chat", "append": 1})
     text = (out / "README.md").read_text()
@@ -399,6 +453,16 @@ def test_card_path_imports_neither_torch_nor_transformers(local: Callable[[str],
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (out / "README.md").exists()
+    # `hubmerge card` (and CI's `card --all --check`) do not even load the merge engine.
+    for args in (["card", "out"], ["card", "--all", ".", "--check"]):
+        code = (
+            f"import sys\nsys.argv = ['hubmerge', *{args!r}]\nfrom hubmerge.cli import app\n"
+            "try:\n    app()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "heavy = ('torch', 'transformers', 'hubmerge.merge', 'hubmerge.writer')\n"
+            "loaded = [m for m in heavy if m in sys.modules]\nassert not loaded, loaded\n"
+        )
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
 
 
 def test_recipe_in_the_card_rebuilds_the_model(local: Callable[[str], str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 import hubmerge.merge
 from hubmerge import __version__
 from hubmerge.config import OlmConfig
+from hubmerge.methods.base import Context
 from tests.helpers import run_cli, write_yaml
 
 
@@ -77,13 +79,15 @@ def test_ctrl_c_in_merge_says_nothing_was_written(
 def test_ctrl_c_in_olm_keeps_the_search_and_the_same_command_resumes(
     models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def searching(config: OlmConfig, sources: object, context: hubmerge.merge.MergeContext) -> None:
+    import hubmerge.methods.olm as olm
+
+    def searching(config: OlmConfig, sources: object, context: Context) -> None:
         assert context.work_dir is not None
         context.work_dir.mkdir()
         (context.work_dir / "merge_report.json").write_text(json.dumps({"layers": []}))
         raise KeyboardInterrupt  # as if pressed during the search
 
-    monkeypatch.setitem(hubmerge.merge.PLANNERS, OlmConfig, searching)
+    monkeypatch.setattr(olm, "METHOD", replace(olm.METHOD, planner=searching))
     (tmp_path / "data.json").write_text("[]")
     config = {
         "merge_method": "olm",

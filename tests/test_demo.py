@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hubmerge import zoo
+from hubmerge.answers import exact_match_accuracy
 from hubmerge.datasets import load_conversations
-from hubmerge.generation import exact_match_accuracy
 from tests.helpers import run_cli, tensors
 
 

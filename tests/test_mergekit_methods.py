@@ -339,25 +339,16 @@ def test_without_mergekit_the_error_names_the_extra(
 def test_the_space_form_writes_mergekit_configs_and_validate_shows_parameters(
     family: dict[str, Path],
 ) -> None:
-    gr = pytest.importorskip("gradio", reason="the Space needs gradio")
-    assert gr is not None
-    import importlib.util
-
     from hubmerge import space
+    from hubmerge.space import form, handlers
 
-    root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("hubmerge_space_app_mk", root / "space/app.py")
-    assert spec is not None and spec.loader is not None
-    app = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(app)
-
-    values = app.FORM_DEFAULTS | {
+    values = form.FORM_DEFAULTS | {
         "method": "slerp",
         "mk_base": str(family["base"]),
         "mk_models": [[str(family["ft_a"]), "", ""]],
         "mk_t": "self_attn=[0, 1], mlp=[1, 0], 0.5",
     }
-    data = app.form_config(values)
+    data = form.form_config(values)
     assert data == {
         "merge_method": "slerp",
         "base_model": str(family["base"]),
@@ -371,16 +362,16 @@ def test_the_space_form_writes_mergekit_configs_and_validate_shows_parameters(
         },
     }
     config = space.read_config_text(yaml.safe_dump(data))
-    assert app.form_config(app.FORM_DEFAULTS | app.config_form(config)) == data
+    assert form.form_config(form.FORM_DEFAULTS | form.config_form(config)) == data
 
     checked = space.check(yaml.safe_dump(ties(family)))
     assert checked.rows is None and checked.depth == 4 and checked.parameters
-    status, rows = app.validate(yaml.safe_dump(ties(family)))
+    status, rows = handlers.validate(yaml.safe_dump(ties(family)))
     assert "computed by mergekit" in status and rows == []
     assert "ft\\_a | 0.5 | 0.7 |" in status  # the table, Markdown-escaped
 
     typo = yaml.safe_dump(ties(family)).replace("density: 0.5", "dnsity: 0.5")
-    status, _ = app.validate(typo)
+    status, _ = handlers.validate(typo)
     assert "unknown parameter of ties" in status
 
 

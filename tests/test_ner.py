@@ -15,10 +15,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hubmerge import ner, zoo
+from hubmerge import zoo
 from hubmerge.config import parse_config
 from hubmerge.merge import merge, open_sources
+from hubmerge.methods.ner import scores as ner
 from hubmerge.plan import EdgePlan, LayerPlan, MergePlan
+from hubmerge.recipe import plan_recipe
 from hubmerge.tensorfile import TensorInfo
 from hubmerge.writer import write_model
 from tests.helpers import logits, run_cli, tensors, write_yaml
@@ -264,7 +266,7 @@ def test_selection_recipe_names_edge_donors(pool: dict[str, Path], tmp_path: Pat
     )
     (tmp_path / "planned").mkdir()
     write_model(plan, sources, tmp_path / "planned", shard_size=10**9)
-    recipe = plan.to_recipe(sources)
+    recipe = plan_recipe(plan, sources)
     assert recipe["merge_method"] == "linear"
     assert recipe["slices"][-1]["sources"][0]["model"] == refs["c2"]  # mergekit's head pairing
     result = run_cli("merge", write_yaml(tmp_path / "r.yaml", recipe), tmp_path / "rebuilt")

@@ -100,6 +100,8 @@ def test_prefix_cached_scores_equal_full_evaluations(
         working.counters.prefix_evaluations == len(positions) == working.counters.full_evaluations
     )
     assert working.counters.cache_seconds > 0
+    if order == "backward":  # the layers below never change: candidates follow trajectories
+        assert working.counters.trajectory_steps > 0
 
     working.cache_prefix(2)
     working.load_layer(1, other, 1)  # below the cached position: its inputs are stale now
@@ -107,6 +109,41 @@ def test_prefix_cached_scores_equal_full_evaluations(
         working.evaluate(start=2)
     working.cache_prefix(2)
     assert working.evaluate(start=2) == working.evaluate()
+
+
+def test_generation_from_a_position_follows_and_leaves_the_trajectory_bitwise() -> None:
+    """Candidates follow the trajectory the last whole-layer generation recorded while every
+    open row agrees with it, and run every layer once a row leaves it: with answers of
+    different lengths (eos), rows that diverge and rows stopped early as misses, their scores
+    are bitwise those of whole-model evaluations."""
+    from hubmerge.datasets import load_conversations
+    from hubmerge.methods.olm.evaluate import Limits, WorkingModel
+
+    refs = [str(zoo.model_path(m)) for m in ("tiny-base", "tiny-sort")]
+    base, other = open_sources(refs).values()
+    samples = {
+        "sort": ("exact", load_conversations(zoo.dataset_path("sort", "selection"))[:12]),
+        "reverse": ("quality", load_conversations(zoo.dataset_path("reverse", "selection"))[:6]),
+    }
+    working = WorkingModel(
+        base, samples, limits=Limits(None, 12, 1, 12), batch_size=6, device="cpu",
+        dtype=torch.float32,
+    )  # fmt: skip
+    recorded = working.evaluate()
+    diverged = False
+    for position in (3, 2, 1):
+        working.cache_prefix(position)
+        working.load_layer(position, other, position)
+        before = working.counters.trajectory_steps
+        fast = working.evaluate(start=position)
+        followed = working.counters.trajectory_steps - before
+        slow = working.evaluate()  # records the trajectory the next position follows
+        assert [(s, s.per_sample) for s in fast] == [(s, s.per_sample) for s in slow]
+        assert followed > 0
+        diverged |= slow[0].per_sample != recorded[0].per_sample
+        recorded = slow
+        working.load_layer(position, base, position)
+    assert diverged
 
 
 def test_zoo_run_end_to_end_is_deterministic_and_never_worse(tmp_path: Path) -> None:
@@ -334,8 +371,8 @@ def test_generation_uses_transformers_current_cache_api() -> None:
     removes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from hubmerge.answers import build_prompts, greedy_generate
     from hubmerge.datasets import load_conversations
-    from hubmerge.generation import build_prompts, greedy_generate
     from hubmerge.methods.olm.evaluate import Limits, WorkingModel
 
     path = zoo.model_path("tiny-base")

@@ -22,8 +22,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hubmerge import zoo
 from hubmerge.config import parse_config
+from hubmerge.folder import yaml_text
 from hubmerge.merge import merge, open_sources
-from hubmerge.plan import EdgePlan, LayerPlan, MergePlan, recipe_yaml
+from hubmerge.plan import EdgePlan, LayerPlan, MergePlan
+from hubmerge.recipe import plan_recipe
 from hubmerge.writer import write_model
 from tests.helpers import run_cli, tensors, write_yaml
 
@@ -116,10 +118,10 @@ def test_blend_plan_is_bit_identical_to_torch_its_recipe_and_mergekit(
         tensors(Path(add))["model.layers.3.mlp.down_proj.weight"],
     )
 
-    recipe = plan.to_recipe(sources)
+    recipe = plan_recipe(plan, sources)
     assert recipe["merge_method"] == "linear" and recipe["parameters"] == {"normalize": False}
     recipe_path = tmp_path / "mergekit_config.yml"
-    recipe_path.write_text(recipe_yaml(recipe))
+    recipe_path.write_text(yaml_text(recipe))
     assert run_cli("merge", recipe_path, tmp_path / "rebuilt").exit_code == 0
     rebuilt = tensors(tmp_path / "rebuilt")
     assert sorted(rebuilt) == sorted(written)

@@ -18,7 +18,7 @@ from huggingface_hub.repocard import metadata_load
 import hubmerge.evals
 import hubmerge.merge
 from hubmerge.card import render_card
-from hubmerge.run import EVAL_RESULTS, STATE_FILE
+from hubmerge.folder import EVAL_RESULTS_FILE, RUN_STATE_FILE
 from tests.helpers import run_cli, write_yaml
 from tests.hubserver import TOKEN, HubServer, error_line, published_files
 
@@ -79,14 +79,14 @@ def test_run_merges_cards_and_publishes(config: Path, hub: HubServer) -> None:
     stored = hub.repos["org/run-merge"]
     assert stored.files == published_files(out)  # byte for byte, the card included
     assert {"model.safetensors", "config.json", "README.md", "layer_map.svg"} <= set(stored.files)
-    assert STATE_FILE not in stored.files
+    assert RUN_STATE_FILE not in stored.files
     assert stored.files["README.md"].decode() == render_card(out)
     metadata = metadata_load(out / "README.md")
     assert metadata["license"] == "mit" and metadata["language"] == "en"
     assert {"merge", "hubmerge", "block_expansion", "run-test"} <= set(metadata["tags"])
     assert 'model_id = "org/run-merge"' in stored.files["README.md"].decode()  # loading code
 
-    state = json.loads((out / STATE_FILE).read_text())
+    state = json.loads((out / RUN_STATE_FILE).read_text())
     assert list(state["stages"]) == ["merge", "card", "publish"]
     assert state["stages"]["publish"]["url"] == f"{hub.url}/org/run-merge"
     assert_no_token(out, hub, result.output)
@@ -118,12 +118,12 @@ def test_eval_results_reach_the_card_and_the_hub(
     out = Path("out").absolute()
     stored = hub.repos["org/run-merge"]
     # Published without lm-eval's record of this machine; the full file stays local.
-    assert (out / EVAL_RESULTS).read_bytes() == ZOO_RESULTS.read_bytes()
-    local, shared = json.loads(ZOO_RESULTS.read_text()), json.loads(stored.files[EVAL_RESULTS])
+    assert (out / EVAL_RESULTS_FILE).read_bytes() == ZOO_RESULTS.read_bytes()
+    local, shared = json.loads(ZOO_RESULTS.read_text()), json.loads(stored.files[EVAL_RESULTS_FILE])
     assert "pretty_env_info" in local and "pretty_env_info" not in shared
     for key in ("results", "versions", "n-shot", "n-samples", "config", "date", "lm_eval_version"):
         assert shared[key] == local[key], key
-    assert stored.files["README.md"].decode() == render_card(out, results=[out / EVAL_RESULTS])
+    assert stored.files["README.md"].decode() == render_card(out, results=[out / EVAL_RESULTS_FILE])
     # The recorded results were limited to 8 documents per task: shown, not in model-index.
     assert "limited to 8 documents per task" in stored.files["README.md"].decode()
     assert "model-index" not in metadata_load(out / "README.md")
@@ -157,23 +157,23 @@ def test_published_eval_results_name_nothing_of_this_machine(
     assert result.exit_code == 0, result.output
 
     out = Path("out").absolute()
-    local = (out / EVAL_RESULTS).read_text()
+    local = (out / EVAL_RESULTS_FILE).read_text()
     assert str(out) in local and "alice-w7" in local and "0123abc" in local  # all kept here
     stored = hub.repos["org/run-merge"]
     for name, data in stored.files.items():
         for secret in (str(tmp_path), "alice-w7", str(tasks_dir), sys.prefix, "0123abc"):
             assert secret.encode() not in data, (name, secret)
-    shared = json.loads(stored.files[EVAL_RESULTS])
+    shared = json.loads(stored.files[EVAL_RESULTS_FILE])
     assert shared["config"]["model"] == "out"
     assert shared["config"]["model_args"] == "pretrained=out,x=1"
     zoo_add = shared["configs"]["hubmerge_zoo_add"]
     assert zoo_add["metadata"]["config_source"] == "hubmerge/eval_tasks/hubmerge_zoo_add.yaml"
     assert zoo_add["dataset_kwargs"]["data_files"]["test"] == "t.json"
     # The card reads the same from the published copy as from the full file.
-    copy = tmp_path / "published" / EVAL_RESULTS
+    copy = tmp_path / "published" / EVAL_RESULTS_FILE
     copy.parent.mkdir()
-    copy.write_bytes(stored.files[EVAL_RESULTS])
-    assert render_card(out, results=[out / EVAL_RESULTS]) == render_card(out, results=[copy])
+    copy.write_bytes(stored.files[EVAL_RESULTS_FILE])
+    assert render_card(out, results=[out / EVAL_RESULTS_FILE]) == render_card(out, results=[copy])
 
 
 def test_a_failed_upload_resumes_without_merging_again(
@@ -185,7 +185,7 @@ def test_a_failed_upload_resumes_without_merging_again(
     out = Path("out")
     weights = out / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
-    assert list(json.loads((out / STATE_FILE).read_text())["stages"]) == ["merge", "card"]
+    assert list(json.loads((out / RUN_STATE_FILE).read_text())["stages"]) == ["merge", "card"]
     assert hub.repos["org/run-merge"].files == {}
 
     forbid_merging(monkeypatch)
@@ -316,5 +316,5 @@ def test_without_a_repo_run_stops_at_the_card(
     result = run_cli("run", write_yaml(tmp_path / "local.yaml", data), "out")
     assert result.exit_code == 0, result.output
     assert "wrote" in result.output and (Path("out") / "README.md").is_file()
-    assert list(json.loads(Path("out", STATE_FILE).read_text())["stages"]) == ["merge", "card"]
+    assert list(json.loads(Path("out", RUN_STATE_FILE).read_text())["stages"]) == ["merge", "card"]
     assert hub.requests == []

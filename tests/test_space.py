@@ -27,6 +27,8 @@ from hubmerge.errors import ConfigError, OutputError, SourceError
 from hubmerge.hub import publish
 from hubmerge.merge import merge
 from hubmerge.sources import CONFIG_PATTERNS, ModelSource
+from hubmerge.space import disk
+from hubmerge.space import preview as previews
 from tests.hubserver import TOKEN, HubServer
 from tests.tinymodels import make_model
 
@@ -92,7 +94,7 @@ def block_expansion(model: Path | str, append: int = 1) -> str:
 def test_a_config_alone_gives_the_checkpoints_tensors(kind: str, tmp_path: Path) -> None:
     folder = make_model(kind, tmp_path / kind, dtype=torch.bfloat16)
     real = ModelSource.open(str(folder))
-    previewed = space.config_source("org/model", folder)
+    previewed = previews.config_source("org/model", folder)
 
     expected = {n: (t.dtype, t.shape, t.nbytes) for n, t in real.tensors.items()}
     assert {n: (t.dtype, t.shape, t.nbytes) for n, t in previewed.tensors.items()} == expected
@@ -105,7 +107,7 @@ def test_preview_of_a_hub_model_fetches_only_its_config(
     only_config.mkdir()
     shutil.copy(models["llama12"] / "config.json", only_config)
     fetched: list[tuple[str, list[str]]] = []
-    monkeypatch.setattr(space, "fetch", lambda ref, p: fetched.append((ref, p)) or only_config)
+    monkeypatch.setattr(previews, "fetch", lambda ref, p: fetched.append((ref, p)) or only_config)
     text = """
         merge_method: passthrough
         slices:
@@ -116,7 +118,7 @@ def test_preview_of_a_hub_model_fetches_only_its_config(
                 parameters: {scale: [{filter: o_proj, value: [1.5, 3.0]}]}
     """
 
-    previewed = space.preview(loads_config(text.replace("MODEL", "org/twelve"), "config"))
+    previewed = previews.preview(loads_config(text.replace("MODEL", "org/twelve"), "config"))
 
     assert fetched == [("org/twelve", CONFIG_PATTERNS)]
     local = loads_config(text.replace("MODEL", str(models["llama12"])), "config")
@@ -153,55 +155,20 @@ def test_a_merge_that_cannot_fit_on_the_disk_is_refused_before_downloading(
     models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = loads_config(block_expansion(models["llama"], append=4), "config")
-    previewed = space.preview(config)
+    previewed = previews.preview(config)
     weights = (models["llama"] / "model.safetensors").stat().st_size
     assert weights < previewed.output_bound(None) < 2 * weights  # 8 layers from 4
 
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=weights))
     with pytest.raises(OutputError, match=r"not enough disk space: this merge needs 0\.0 GB"):
-        space.check_disk(config, previewed, tmp_path)
-
-
-def test_form_and_yaml_say_the_same(app: ModuleType) -> None:
-    for data in app.EXAMPLES.values():
-        config = loads_config(yaml.safe_dump(data), "example")
-        again = app.form_config(app.FORM_DEFAULTS | app.config_form(config))
-        assert loads_config(yaml.safe_dump(again), "form") == config
-
-    assert app.parse_scale("o_proj=1.5, down_proj=[1, 2], 1") == [
-        {"filter": "o_proj", "value": 1.5},
-        {"filter": "down_proj", "value": [1, 2]},
-        {"value": 1.0},
-    ]
-    assert app.scale_text(app.parse_scale("[0.5, 1]")) == "[0.5, 1]"
-    # The form rewrites its own keys and keeps the rest of the editor's text.
-    values = app.config_form(loads_config(block_expansion("org/a"), "c")) | {"count": 3}
-    text = app.form_yaml(values, block_expansion("org/a") + "hub: {repo_id: me/x}\n")
-    assert yaml.safe_load(text) == {
-        "merge_method": "block_expansion",
-        "model": "org/a",
-        "append": 3,
-        "zero": ["o_proj", "down_proj"],
-        "hub": {"repo_id": "me/x"},
-    }
+        disk.check_disk(config, previewed, tmp_path)
 
 
 def test_the_slice_table_has_buttons_to_add_and_remove_rows(app: ModuleType) -> None:
     demo = app.build_demo()
     labels = {block.value for block in demo.blocks.values() if isinstance(block, gr.Button)}
-    assert {"Add slice", "Remove last slice"} <= labels
-    rows = [["org/a", 0, 4, ""]]
-    grown = app.add_slice(rows)
-    assert grown == [["org/a", 0, 4, ""], ["org/a", 4, 5, ""]]
-    assert app.add_slice({"data": grown})[-1] == ["org/a", 5, 6, ""]  # gradio's dict form too
-    assert app.remove_slice(grown) == rows
-    assert app.remove_slice(rows) == [["", 0, 1, ""]]  # one row stays, to fill in
-    yaml_text = app.form_yaml(app.FORM_DEFAULTS | {"method": "passthrough", "slices": grown}, "")
-    assert [s["sources"][0]["layer_range"] for s in yaml.safe_load(yaml_text)["slices"]] == [
-        [0, 4],
-        [4, 5],
-    ]
+    assert {"Add slice", "Remove last slice"} <= labels  # what they do: tests/test_space_form.py
 
 
 def test_the_space_folder_is_ready_to_push() -> None:
@@ -287,7 +254,7 @@ def test_a_shared_space_merges_and_publishes_a_hub_model(
     monkeypatch.setenv(space.SPACE_ENV, "1")
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_IMPLICIT_TOKEN", False)
     space.refuse_implicit_token()  # as `launch` does on a shared Space: HF_TOKEN is set here
-    assert space.hub_weights_size(hub_model) == len(hub.repos[hub_model].files["model.safetensors"])
+    assert disk.hub_weights_size(hub_model) == len(hub.repos[hub_model].files["model.safetensors"])
 
     status, table = client.predict(block_expansion(hub_model, append=2), api_name="/validate")
     assert "Valid: 6 layers" in status and table["data"][-2][1] == hub_model

@@ -19,6 +19,7 @@ from huggingface_hub import constants
 
 from hubmerge import space
 from hubmerge.errors import BudgetError
+from hubmerge.space import jobs
 from tests.helpers import cache_repo
 from tests.test_space import _self_hosted, app, block_expansion, url  # noqa: F401 - fixtures
 
@@ -66,7 +67,7 @@ def test_hostile_requests_are_refused_while_another_merge_runs(
 ) -> None:
     # The first visitor's merge is held up in its subprocess (which inherits this patch),
     # where it would check the disk, so that it is surely running during the others' requests.
-    monkeypatch.setattr(space, "check_disk", lambda *args: time.sleep(15))
+    monkeypatch.setattr(jobs, "check_disk", lambda *args: time.sleep(15))
     first = Client(url, verbose=False).submit(
         block_expansion("org/tiny", append=2), "grown", None, api_name="/merge"
     )

@@ -1,6 +1,6 @@
 """The shipped model zoo: Hub-style folders that load and chat, trained as the manifest says.
 
-Also covers `hubmerge.generation` on real models (left padding, eos handling, fallback prompt),
+Also covers `hubmerge.answers` on real models (left padding, eos handling, fallback prompt),
 since the zoo is the only model this test suite has.
 """
 
@@ -17,9 +17,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hubmerge import zoo
+from hubmerge.answers import build_prompts, exact_match_accuracy, greedy_generate
 from hubmerge.datasets import Sample, load_conversations
 from hubmerge.errors import SourceError
-from hubmerge.generation import build_prompts, exact_match_accuracy, greedy_generate
 from hubmerge.zoo import train
 
 MANIFEST = json.loads(zoo.MANIFEST_PATH.read_text(encoding="utf-8"))

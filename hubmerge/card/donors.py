@@ -1,47 +1,30 @@
 """What a card says about the models a merge read, recorded while they are open.
 
-`hubmerge merge` writes `hubmerge_sources.json` beside the weights: for each source, the name a
-card shows (a Hub id, or a local folder's name: never a path), whether it is on the Hub (only
-Hub models become `base_model`), the Hub commit that was read, and the license, languages and
-`base_model` of the source's own card (its README.md; for a Hub id the one in the snapshot,
-downloaded with the support files). Recording this at merge time makes the card a function of the
-model folder alone, so `hubmerge card --check` answers the same in CI, where the sources are not
-at hand and the Hub may not be reachable.
+`hubmerge merge` writes `hubmerge_sources.json` (a `folder.Donor` per source) beside the
+weights: for each source, the name a card shows (a Hub id, or a local folder's name: never a
+path), whether it is on the Hub (only Hub models become `base_model`), the Hub commit that was
+read, and the license, languages and `base_model` of the source's own card (its README.md; for
+a Hub id the one in the snapshot, downloaded with the support files). Recording this at merge
+time makes the card a function of the model folder alone, so `hubmerge card --check` answers the
+same in CI, where the sources are not at hand and the Hub may not be reachable.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from huggingface_hub.repocard import metadata_load
 
-from hubmerge.errors import CardError
+from hubmerge.folder import Donor
 from hubmerge.sources import ModelSource, is_hub_id
 
-SOURCES_FILE = "hubmerge_sources.json"
 
-
-@dataclass(frozen=True)
-class Donor:
-    """One source model as the card presents it."""
-
-    name: str
-    hub: bool
-    #: The Hub commit that was read (a snapshot's folder name); None for a local folder.
-    revision: str | None
-    license: str | None
-    language: tuple[str, ...]
-    #: What the donor's own card lists as `base_model`: how far back the lineage goes.
-    base_model: tuple[str, ...]
-
-    @property
-    def url(self) -> str | None:
-        return f"https://huggingface.co/{self.name}" if self.hub else None
+def describe_sources(sources: Mapping[str, ModelSource]) -> dict[str, Donor]:
+    """Each source's `Donor`, keyed by its reference: the sources record of a merge."""
+    return {ref: describe(source) for ref, source in sources.items()}
 
 
 def describe(source: ModelSource) -> Donor:
@@ -58,37 +41,6 @@ def describe(source: ModelSource) -> Donor:
         # Only Hub ids: a path in a hand-written card would say nothing to a reader elsewhere.
         base_model=tuple(b for b in _strings(bases) if is_hub_id(b)),
     )
-
-
-def sources_json(sources: Mapping[str, ModelSource]) -> str:
-    """The contents of `hubmerge_sources.json`: each source's `Donor`, keyed by its reference."""
-    data = {ref: asdict(describe(source)) for ref, source in sources.items()}
-    return json.dumps(data, indent=2) + "\n"
-
-
-def load_donors(model_dir: Path) -> dict[str, Donor]:
-    """The donors recorded in `model_dir`, keyed by the references the plan uses."""
-    path = model_dir / SOURCES_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return {
-            ref: Donor(
-                name=d["name"],
-                hub=d["hub"],
-                revision=d["revision"],
-                license=d["license"],
-                language=tuple(d["language"]),
-                base_model=tuple(d["base_model"]),
-            )
-            for ref, d in data.items()
-        }
-    except FileNotFoundError:
-        raise CardError(
-            f"{model_dir.name}: no {SOURCES_FILE} (not written by `hubmerge merge`, or by an "
-            "older version: merge again)"
-        ) from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CardError(f"{model_dir.name}/{SOURCES_FILE}: unreadable ({e})") from None
 
 
 def _card_metadata(readme: Path) -> dict[str, Any]:

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from hubmerge.card.render import card_files, stale_diff
+from hubmerge.card.render import card_files, draw_images, stale_diff
 from hubmerge.config import load_config
 from hubmerge.errors import CardError, HubmergeError
-from hubmerge.merge import CONFIG_FILE, PLAN_FILE, config_yaml
+from hubmerge.folder import CONFIG_FILE, PLAN_FILE, config_yaml
 from hubmerge.run import merge_fingerprint
 
 MODEL_CONFIG = "config.yaml"
@@ -90,6 +90,8 @@ def refresh(folder: Path, *, check: bool = False, template: Path | None = None) 
                 return FolderReport(folder, Status.STALE, (CONFIG_FILE,), diff)
             (folder / CONFIG_FILE).write_text(config, encoding="utf-8")
             diffs[CONFIG_FILE] = diff
+        if not check:
+            draw_images(folder)
         rendered = card_files(folder, results=results_files(folder), template=template)
         for name, text in rendered.items():
             diff = stale_diff(folder / name, text)

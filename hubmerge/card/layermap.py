@@ -9,8 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from xml.sax.saxutils import escape
 
-LAYER_MAP_FILE = "layer_map.svg"
-
 #: Tableau 10: distinct, colour-blind-friendly hues; donors beyond ten reuse them in order.
 PALETTE = (
     "#4e79a7",

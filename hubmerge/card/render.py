@@ -19,24 +19,15 @@ from typing import Any
 import jinja2
 from huggingface_hub import ModelCard, ModelCardData
 
-from hubmerge.card.donors import Donor
-from hubmerge.card.facts import (
-    NER_HEATMAP_FILE,
-    NER_REPORT_FILE,
-    OLM_REPORT_FILE,
-    ModelFacts,
-    Namer,
-    read_facts,
-)
-from hubmerge.card.layermap import LAYER_MAP_FILE, layer_map_svg
+from hubmerge import arch, methods
+from hubmerge.card.facts import ModelFacts, read_facts
+from hubmerge.card.layermap import layer_map_svg
 from hubmerge.card.results import Evaluation, load_results
 from hubmerge.config import HubSettings
 from hubmerge.errors import CardError
-from hubmerge.methods.mergekit_run import REPORT_FILE as MERGEKIT_REPORT_FILE
-from hubmerge.methods.mergekit_run import parameter_tables
-from hubmerge.plan import recipe_yaml
+from hubmerge.folder import CARD_FILE, LAYER_MAP_FILE, Donor, yaml_text
+from hubmerge.methods.base import CardInputs
 
-CARD_FILE = "README.md"
 DEFAULT_TEMPLATE = "model_card.md"
 #: Lines of diff `hubmerge card --check` shows; the rest is counted, not printed.
 DIFF_LINES = 40
@@ -75,13 +66,24 @@ def write_card(
     name: str | None = None,
     repo_id: str | None = None,
 ) -> Path:
-    """Write the card to `output` (default `model_dir/README.md`) and `layer_map.svg` beside it."""
+    """Write the card to `output` (default `model_dir/README.md`) and `layer_map.svg` beside it.
+
+    The methods' images (NER's heatmap) are drawn into `model_dir` from its reports first.
+    """
+    draw_images(model_dir)
     rendered = _render(model_dir, results, template, name, repo_id)
     output = Path(output) if output else Path(model_dir) / CARD_FILE
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(rendered.card, encoding="utf-8")
     (output.parent / LAYER_MAP_FILE).write_text(rendered.layer_map, encoding="utf-8")
     return output
+
+
+def draw_images(model_dir: Path) -> None:
+    """Draw the card's pictures that the methods make from their reports (NER's heatmap)."""
+    for method in methods.every():
+        if method.images is not None:
+            method.images(Path(model_dir))
 
 
 def check_card(
@@ -162,7 +164,7 @@ def _render(
     # Sections a template leaves out leave blank lines behind: one is as good as many in
     # Markdown, and templates stay readable without Jinja's whitespace control on every tag.
     text = re.sub(r"\n{3,}", "\n\n", str(card)).rstrip("\n") + "\n"
-    donors = list(dict.fromkeys(facts.namer.model(ref) for ref in facts.plan.models))
+    donors = list(dict.fromkeys(facts.names.model(ref) for ref in facts.plan.models))
     return Rendered(text, layer_map_svg(_layer_rows(facts), donors))
 
 
@@ -206,7 +208,7 @@ def card_context(facts: ModelFacts, evaluation: Evaluation | None) -> dict[str, 
     `evaluation` and `chat_template`.
     """
     hub, card = _settings(facts)
-    namer = facts.namer
+    names = facts.names
     plan = facts.plan
     distinct = _donors(facts)
     # A layer counts for every model it reads a tensor of: a blended layer for each term's.
@@ -247,7 +249,7 @@ def card_context(facts: ModelFacts, evaluation: Evaluation | None) -> dict[str, 
         "license": _license(facts),
         "method": plan.method,
         "architecture": (model_config.get("architectures") or ["?"])[0],
-        "dtype": model_config.get("dtype") or model_config.get("torch_dtype"),
+        "dtype": arch.config_dtype(model_config),
         "num_layers": len(plan.layers),
         "donors": donors,
         "lineage": [
@@ -258,15 +260,23 @@ def card_context(facts: ModelFacts, evaluation: Evaluation | None) -> dict[str, 
         "local_donors": any(not d["hub"] for d in donors),
         "layers": _layer_rows(facts),
         "layer_map": LAYER_MAP_FILE,
-        "settings": namer.public(settings),
-        "recipe": recipe_yaml(namer.public(facts.recipe)) if facts.recipe else None,
+        "settings": names.public(settings),
+        "recipe": yaml_text(names.public(facts.recipe)) if facts.recipe else None,
         "recipe_method": facts.recipe.get("merge_method", "passthrough"),
-        "config_yaml": recipe_yaml(namer.public(facts.config_data)) if facts.config_data else None,
-        "olm": _olm(facts.olm_report, namer) if facts.olm_report else None,
-        "ner": _ner(facts.ner_report, namer, facts.ner_heatmap) if facts.ner_report else None,
-        "mergekit": _mergekit(facts.mergekit_report, facts) if facts.mergekit_report else None,
+        "config_yaml": yaml_text(names.public(facts.config_data)) if facts.config_data else None,
+        **_method_sections(facts),
         "evaluation": evaluation,
         "chat_template": facts.chat_template,
+    }
+
+
+def _method_sections(facts: ModelFacts) -> dict[str, Any]:
+    """Every method's card section (`olm`, `ner`, `mergekit`): None unless its report is there."""
+    inputs = CardInputs(facts.folder, facts.names, facts.config_data)
+    return {
+        method.card_key: method.card(inputs)
+        for method in methods.every()
+        if method.card_key is not None and method.card is not None
     }
 
 
@@ -295,7 +305,7 @@ def _donors(facts: ModelFacts) -> list[Donor]:
     missing = [ref for ref in facts.plan.models if ref not in facts.donors]
     if missing:
         raise CardError(
-            f"{facts.folder.name}: {facts.namer.model(missing[0])} is in the plan but not in "
+            f"{facts.folder.name}: {facts.names.model(missing[0])} is in the plan but not in "
             "hubmerge_sources.json (files from different merges?)"
         )
     return list(dict.fromkeys(facts.donors[ref] for ref in facts.plan.models))
@@ -320,7 +330,7 @@ def _common(donors: Sequence[Donor], field: str) -> Any:
 
 
 def _layer_rows(facts: ModelFacts) -> list[tuple[str, str, str, str]]:
-    return facts.namer.plan(facts.plan).rows()
+    return facts.plan.renamed(facts.names.model).rows()
 
 
 def _template(path: Path | None, facts: ModelFacts) -> tuple[str, str]:
@@ -335,117 +345,3 @@ def _template(path: Path | None, facts: ModelFacts) -> tuple[str, str]:
         return chosen.read_text(encoding="utf-8"), chosen.name
     except OSError as e:
         raise CardError(f"{chosen}: cannot read card template ({e.strerror})") from None
-
-
-def _olm(report: dict[str, Any], namer: Namer) -> dict[str, Any]:
-    """OLM's search as tables: base selection and each position's candidates (lower is better)."""
-    try:
-        datasets = list(report["datasets"])
-
-        def rows(scores: dict[str, Any], merit: dict[str, Any], chosen: str) -> list[Any]:
-            return [
-                {
-                    "model": namer.model(model),
-                    "scores": [scores[model][d]["score"] for d in datasets],
-                    "merit": merit.get(model),
-                    "chosen": model == chosen,
-                }
-                for model in scores
-            ]
-
-        selection = report.get("base_selection")
-        return {
-            "direction": report["direction"],
-            "aggregate": report["aggregate"],
-            "datasets": [(Namer.path(d), report["datasets"][d]) for d in datasets],
-            "base": namer.model(report["base_model"]),
-            "base_rows": rows(selection["scores"], selection["merit"], report["base_model"])
-            if selection
-            else [],
-            "positions": [
-                {
-                    "layer": f"{record['layer']} {record['part']}"
-                    if record.get("part")
-                    else record["layer"],
-                    "winner": namer.model(record["best_model"]),
-                    "rows": rows(record["scores"], record["merit"], record["best_model"]),
-                }
-                for record in sorted(report["layers"], key=lambda r: r["layer"])
-            ],
-            "heldout": _olm_heldout(report.get("heldout"), namer),
-        }
-    except (KeyError, TypeError) as e:
-        raise CardError(f"{OLM_REPORT_FILE}: not an OLM report hubmerge can read ({e!r})") from None
-
-
-def _olm_heldout(heldout: dict[str, Any] | None, namer: Namer) -> dict[str, Any] | None:
-    """The held-out comparison `hubmerge demo` records: accuracy per model and task."""
-    if not heldout:
-        return None
-    tasks = list(heldout["datasets"])
-    return {
-        "metric": heldout["metric"],
-        "tasks": tasks,
-        "rows": [
-            {
-                "model": namer.model(label),
-                "scores": [scores[t] for t in tasks],
-                "composite": sum(scores[t] for t in tasks) / len(tasks),
-                "chosen": label == heldout["merged"],
-            }
-            for label, scores in heldout["accuracy"].items()
-        ],
-        "best_donor": namer.model(heldout["best_donor"]),
-        "margin": 100 * heldout["margin"],
-    }
-
-
-def _mergekit(report: dict[str, Any], facts: ModelFacts) -> dict[str, Any]:
-    """The method mergekit ran (its name and paper, from mergekit's registry) and its parameters."""
-    try:
-        return {
-            "name": str(report["name"]),
-            "url": report["reference_url"],
-            "version": str(report["mergekit_version"]),
-            "random_seed": report.get("random_seed"),
-            "tables": parameter_tables(facts.namer.public(facts.config_data)),
-        }
-    except (KeyError, TypeError, AttributeError) as e:
-        raise CardError(
-            f"{MERGEKIT_REPORT_FILE}: not a mergekit report hubmerge can read ({e!r})"
-        ) from None
-
-
-def _ner(report: dict[str, Any], namer: Namer, heatmap: bool) -> dict[str, Any]:
-    """NER's per-layer scores (each model's mean NER over the layer's matrices) and heatmap."""
-    try:
-        models = report["models"]
-        rows = [
-            {
-                "layer": record["layer"],
-                "chosen": namer.model(record["chosen"]),
-                "scores": [(record["scores"][m]["mean"], m == record["chosen"]) for m in models],
-            }
-            for record in report["layers"]
-        ]
-        return {
-            "granularity": report["granularity"],
-            "normalize": report["normalize"],
-            "models": [namer.model(m) for m in models],
-            "rows": rows,
-            "digits": _distinguishing_digits([[s for s, _ in row["scores"]] for row in rows]),
-            "heatmap": NER_HEATMAP_FILE if heatmap else None,
-        }
-    except (KeyError, TypeError) as e:
-        raise CardError(f"{NER_REPORT_FILE}: not a NER report hubmerge can read ({e!r})") from None
-
-
-def _distinguishing_digits(rows: Sequence[Sequence[float]], least: int = 5, most: int = 12) -> int:
-    """Decimals enough that scores which differ in a row also read differently (at least
-    `least`, at most `most`): NER margins between candidates can be 1e-7, and a bold winner
-    that prints the same as the loser hides the decision.
-    """
-    for digits in range(least, most):
-        if all(len({f"{x:.{digits}f}" for x in row}) == len(set(row)) for row in rows):
-            return digits
-    return most

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 from hubmerge.config import BlockExpansionConfig
 from hubmerge.errors import ConfigError
+from hubmerge.methods.base import Method
 from hubmerge.plan import LayerPlan, MergePlan
 from hubmerge.sources import ModelSource
 
@@ -43,6 +44,9 @@ def plan(config: BlockExpansionConfig, sources: Mapping[str, ModelSource]) -> Me
         out_dtype=config.out_dtype,
         models=[config.model],
     )
+
+
+METHOD = Method("block_expansion", BlockExpansionConfig, preview=plan)
 
 
 def _zeroed(config: BlockExpansionConfig, model: ModelSource) -> list[dict[str, float]]:

@@ -1,4 +1,5 @@
-"""mergekit's `linear` read as per-tensor selections and blends, and plans written in that form.
+"""mergekit's `linear` read as per-tensor selections and blends (`recipe.selection_recipe`
+writes plans in that form).
 
 mergekit's linear merge computes sum(w_i * t_i) / sum(w_i) per tensor in float32 and casts the
 result back. With one source weighted 1 and the others 0 that is the selected tensor exactly,
@@ -16,13 +17,12 @@ and the last slice's sources at t = 0.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from hubmerge import arch
 from hubmerge.config import LinearConfig, LinearSlice, LinearSource
 from hubmerge.errors import ConfigError
+from hubmerge.methods.base import Method
 from hubmerge.methods.passthrough import resolve
 from hubmerge.plan import (
     EdgeBlend,
@@ -31,7 +31,6 @@ from hubmerge.plan import (
     LayerPlan,
     MergePlan,
     edge_tensors,
-    filter_rules,
 )
 from hubmerge.sources import ModelSource
 
@@ -85,6 +84,9 @@ def plan(config: LinearConfig, sources: Mapping[str, ModelSource]) -> MergePlan:
         out_dtype=config.out_dtype,
         models=[m for m in config.referenced_models() if m in used or m == donor],
     )
+
+
+METHOD = Method("linear", LinearConfig, preview=plan)
 
 
 def _edge(
@@ -161,109 +163,3 @@ def _terms(
             f"{inputs[0].model}'s as {first.dtype}: set dtype"
         )
     return [(chosen.model, 1.0, chosen)]
-
-
-def selection_recipe(plan: MergePlan, sources: Mapping[str, ModelSource]) -> dict[str, Any]:
-    """The mergekit `linear` config, with per-tensor weight filters, that rebuilds `plan` exactly.
-
-    Consecutive output layers whose tensors have the same terms become one slice; each slice
-    lists the models it takes something from, the first slice the embeddings' donors too and
-    the last slice the head's (listed first there, as mergekit merges the head from only as
-    many of the last slice's models as the first slice has). A source's rules give each
-    tensor its weight: 1 or 0 for a selection, the blend's weight for a blended tensor; a plan
-    with blends sets `normalize: false`, so mergekit adds the weighted tensors and divides by
-    nothing, as `tensorfile.weighted_sum` does.
-    """
-    if plan.embed.scales or plan.head.scales or any(layer.scales for layer in plan.layers):
-        raise ValueError("a plan with both scales and overrides has no mergekit form")
-    groups: list[tuple[dict[str, dict[str, float]], dict[str, int], int]] = []
-    for layer in plan.layers:
-        weights: dict[str, dict[str, float]] = {}
-        starts: dict[str, int] = {}
-        for suffix in sources[layer.model].layers[layer.layer]:
-            weights[suffix] = {}
-            for model, index, weight in layer.terms(suffix):
-                if starts.setdefault(model, index) != index or model in weights[suffix]:
-                    raise ValueError(f"output layer takes two layers of {model}: no mergekit form")
-                weights[suffix][model] = weight
-        last = groups[-1] if groups else None
-        if last and last[0] == weights and all(starts[m] == last[1][m] + last[2] for m in starts):
-            groups[-1] = (last[0], last[1], last[2] + 1)
-        else:
-            groups.append((weights, starts, 1))
-
-    embed = _EdgeTerms(plan.embed, sources, pre=True)
-    head = _EdgeTerms(plan.head, sources, pre=False)
-    canonical = _sum_order(plan)
-    slices = []
-    first_width = 0
-    for g, (weights, starts, count) in enumerate(groups):
-        given = Counter(m for terms in weights.values() for m, w in terms.items() if w)
-        owner = given.most_common(1)[0][0]
-        members = {*starts, *(embed.models if g == 0 else ())}
-        order = sorted(members | set(head.models if g == len(groups) - 1 else ()),
-                       key=canonical.index)  # fmt: skip
-        first_width = first_width or len(order)
-        blended = any(len(terms) > 1 for terms in weights.values())
-        if g == len(groups) - 1 and not (blended or plan.head.blends):
-            order = [*head.models, *(m for m in order if m not in head.models)]
-        elif g == len(groups) - 1 and not set(head.models) <= set(order[:first_width]):
-            # mergekit merges the head from the first `first_width` sources of the last slice;
-            # a slice of blends sums in `canonical` order, so it cannot move the head first.
-            raise ValueError("the head's donors do not lead a slice of blends: no mergekit form")
-        entries = []
-        for model in order:
-            start = starts.get(model, starts[owner])
-            if start + count > sources[model].num_layers:
-                raise ValueError(f"{model} has no layers {start}..{start + count - 1}")
-            owned = {
-                arch.layer_name(start + k, suffix): terms.get(model, 0.0)
-                for k in range(count)
-                for suffix, terms in weights.items()
-            }
-            if g == 0:
-                owned |= embed.weights(model)
-            if g == len(groups) - 1:
-                owned |= head.weights(model)
-            default = Counter(owned.values()).most_common(1)[0][0]
-            entries.append(
-                {
-                    "model": model,
-                    "layer_range": [start, start + count],
-                    "parameters": {"weight": filter_rules(owned, default) or [{"value": default}]},
-                }
-            )
-        slices.append({"sources": entries})
-    recipe = plan.recipe_with("linear", slices)
-    if plan.embed.blends or plan.head.blends or any(layer.blends for layer in plan.layers):
-        recipe["parameters"] = {"normalize": False}
-    return recipe
-
-
-def _sum_order(plan: MergePlan) -> list[str]:
-    """One order of models in which every blend of `plan` sums its terms (mergekit sums in the
-    order of a slice's sources); a `ValueError` if two blends sum in different orders."""
-    orders = [[m for m, _, _ in t] for layer in plan.layers for t in layer.blends.values()]
-    orders += [[m for m, _ in t] for edge in (plan.embed, plan.head) for t in edge.blends.values()]
-    canonical = list(dict.fromkeys([m for order in orders for m in order] + plan.models))
-    canonical += [layer.model for layer in plan.layers if layer.model not in canonical]
-    canonical += [m for layer in plan.layers for m, _ in layer.overrides.values()]
-    canonical = list(dict.fromkeys([*canonical, plan.embed.model, plan.head.model]))
-    for order in orders:
-        if [canonical.index(m) for m in order] != sorted(canonical.index(m) for m in order):
-            raise ValueError("blends sum their models in different orders: no mergekit form")
-    return canonical
-
-
-class _EdgeTerms:
-    """Per model, the weight of each embedding (or head) tensor in the recipe."""
-
-    def __init__(self, edge: EdgePlan, sources: Mapping[str, ModelSource], *, pre: bool) -> None:
-        self.names = list(edge_tensors(sources[edge.model], pre=pre))
-        self.terms = {
-            n: dict(edge.blends[n]) if n in edge.blends else {edge.model: 1.0} for n in self.names
-        }
-        self.models = list(dict.fromkeys(m for terms in self.terms.values() for m in terms))
-
-    def weights(self, model: str) -> dict[str, float]:
-        return {n: self.terms[n].get(model, 0.0) for n in self.names}

@@ -12,17 +12,17 @@ folder. This module is the whole bridge:
   the tensors themselves are mergekit's blend of every model, which the card says.
 - `write`: `mergekit.merge.run_merge` on the models hubmerge opened (their local folders, so
   mergekit reads exactly the files hubmerge validated and recorded), with the output config
-  made true for transformers 5 where the depth changes (`layer_types`), then `REPORT_FILE`,
-  the method's facts for the card.
+  made true for transformers 5 where the depth changes (`layer_types`); it returns the
+  `MergekitReport`, the method's facts for the card.
 - `recipe`: the config as given, with Hub models pinned to the commits read.
-- `parameter_tables`: the method's parameters per model and slice, for the card and the CLI.
+- `parameter_tables`: the method's parameters per model and slice, for the card and the CLI;
+  `card_section` is the card's `mergekit` section.
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
-import json
 import threading
 import types
 import typing
@@ -32,19 +32,19 @@ from pathlib import Path
 from typing import Any
 
 from hubmerge import arch
-from hubmerge.config import METHODS, MergekitConfig, _describe
+from hubmerge.config import MergekitConfig, _describe
 from hubmerge.errors import ConfigError, SourceError
-from hubmerge.plan import EdgePlan, LayerPlan, MergePlan, pin_models
+from hubmerge.folder import MergekitReport, read_report
+from hubmerge.methods import NAMES
+from hubmerge.methods.base import CardInputs, Method, Reporter
+from hubmerge.plan import EdgePlan, LayerPlan, MergePlan
+from hubmerge.recipe import MODEL_KEYS, pin_models
 from hubmerge.sources import ModelSource
 
 INSTALL = "pip install 'hubmerge[mergekit]'"
-#: The method's facts for the card (name, paper, mergekit version), written beside the weights.
-REPORT_FILE = "hubmerge_mergekit.json"
 #: mergekit's random methods (DARE, DELLA) are seeded, so the recipe rebuilds the same weights:
 #: `mergekit-yaml mergekit_config.yml OUT --random-seed 0` gives the same model.
 RANDOM_SEED = 0
-#: Config keys whose values name models (pinned in the recipe, localised for mergekit).
-_MODEL_KEYS = ("model", "base_model", "tokenizer_source")
 #: Held while mergekit's output-config function is replaced (`_output_config`).
 _PATCH_LOCK = threading.Lock()
 
@@ -70,11 +70,11 @@ def validate(config: MergekitConfig, where: str) -> None:
     if registry is None:
         raise ConfigError(
             f"{where}: merge_method: {method!r} is not one of hubmerge's own methods "
-            f"({', '.join(METHODS)}); mergekit's methods need mergekit: {INSTALL}"
+            f"({', '.join(NAMES)}); mergekit's methods need mergekit: {INSTALL}"
         )
     specs = _specs()
     if method not in specs:
-        names = list(dict.fromkeys([*METHODS, *specs]))
+        names = list(dict.fromkeys([*NAMES, *specs]))
         raise ConfigError(
             f"{where}: merge_method: unknown method {method!r} (one of: {', '.join(names)})"
         )
@@ -243,8 +243,9 @@ def write(
     shard_size: int,
     device: str | None = None,
     allow_pickle: bool = False,
-) -> None:
-    """Run mergekit into `out_dir` (an empty staging folder) and record the method it ran.
+    reporter: Reporter | None = None,
+) -> tuple[MergekitReport]:
+    """Run mergekit into `out_dir` (an empty staging folder); the report of the method it ran.
 
     mergekit reads the local folders hubmerge opened (Hub models from the snapshots that were
     downloaded and recorded), never remote code. On an accelerator, results stay there until
@@ -254,6 +255,8 @@ def write(
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
+    if reporter:
+        reporter.log(f"mergekit computes the {config.merge_method} merge")
     local = _localised(config.mergekit_data(), sources)
     cuda = bool(device) and str(device).startswith("cuda")
     options = MergeOptions(
@@ -278,14 +281,29 @@ def write(
             message = message.replace(str(source.path), source.name)
         raise SourceError(f"mergekit {config.merge_method}: {message}") from None
     spec = _specs()[config.merge_method]
-    report = {
-        "method": spec.name,
-        "name": spec.pretty_name or spec.name,
-        "reference_url": spec.reference_url,
-        "mergekit_version": metadata.version("mergekit"),
-        "random_seed": RANDOM_SEED,
+    report = MergekitReport(
+        method=spec.name,
+        name=spec.pretty_name or spec.name,
+        reference_url=spec.reference_url,
+        mergekit_version=metadata.version("mergekit"),
+        random_seed=RANDOM_SEED,
+    )
+    return (report,)
+
+
+def card_section(inputs: CardInputs) -> dict[str, Any] | None:
+    """The card's `mergekit` section: the method mergekit ran (its name and paper, from
+    mergekit's registry) and its parameters; None when mergekit did not compute the weights."""
+    report = read_report(inputs.folder, MergekitReport)
+    if report is None:
+        return None
+    return {
+        "name": report.name,
+        "url": report.reference_url,
+        "version": report.mergekit_version,
+        "random_seed": report.random_seed,
+        "tables": parameter_tables(inputs.names.public(dict(inputs.config_data))),
     }
-    (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _localised(data: Any, sources: Mapping[str, ModelSource]) -> Any:
@@ -296,7 +314,7 @@ def _localised(data: Any, sources: Mapping[str, ModelSource]) -> Any:
         return data
     return {
         k: str(sources[v].path)
-        if k in _MODEL_KEYS and isinstance(v, str) and v in sources
+        if k in MODEL_KEYS and isinstance(v, str) and v in sources
         else _localised(v, sources)
         for k, v in data.items()
     }
@@ -408,3 +426,15 @@ def setting_text(setting: Any) -> str:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
+
+
+METHOD = Method(
+    "mergekit",
+    MergekitConfig,
+    preview=plan,
+    card_key="mergekit",
+    card=card_section,
+    validate=validate,
+    recipe=recipe,
+    write=write,
+)

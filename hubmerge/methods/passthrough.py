@@ -17,6 +17,7 @@ from typing_extensions import TypeIs
 from hubmerge import arch
 from hubmerge.config import Gradient, Parameters, PassthroughConfig, ScaleRule, ScaleSetting
 from hubmerge.errors import ConfigError
+from hubmerge.methods.base import Method
 from hubmerge.plan import EdgePlan, LayerPlan, MergePlan, edge_tensors
 from hubmerge.sources import ModelSource
 
@@ -68,6 +69,9 @@ def plan(config: PassthroughConfig, sources: Mapping[str, ModelSource]) -> Merge
         out_dtype=config.out_dtype,
         models=config.referenced_models(),
     )
+
+
+METHOD = Method("passthrough", PassthroughConfig, preview=plan)
 
 
 def _scale(name: str, t: float, levels: list[Parameters | None]) -> float:

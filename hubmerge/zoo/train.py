@@ -45,8 +45,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from hubmerge.answers import exact_match_accuracy
 from hubmerge.datasets import load_conversations
-from hubmerge.generation import exact_match_accuracy
 from hubmerge.zoo.tasks import TASK_MAKERS, draw_unique, make_text, write_records
 
 SEED = 1234

@@ -10,16 +10,17 @@ layer the weighted sum of the pool's layers i, which the recipe writes as mergek
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from hubmerge.config import OlmConfig
+from hubmerge.folder import OlmReport
+from hubmerge.methods.base import Context, Method, Planned
+from hubmerge.methods.olm.card import card_section
 from hubmerge.plan import EdgePlan, LayerBlend, LayerPlan, MergePlan, edge_tensors
 from hubmerge.sources import ModelSource
 
 if TYPE_CHECKING:
-    from hubmerge.merge import MergeContext
     from hubmerge.methods.olm.search import SearchResult
 
 #: The parts of a layer that `granularity: module` chooses separately.
@@ -32,9 +33,9 @@ def part_of(suffix: str) -> str:
     return "attention" if "attn" in suffix or suffix.startswith("input_layernorm") else "mlp"
 
 
-def plan(config: OlmConfig, sources: Mapping[str, ModelSource], context: MergeContext) -> MergePlan:
-    from hubmerge.methods.olm.report import REPORT_FILE
-    from hubmerge.methods.olm.search import search
+def plan(config: OlmConfig, sources: Mapping[str, ModelSource], context: Context) -> Planned:
+    """Run (or resume) the search; the plan of its winners and the report of every score."""
+    from hubmerge.methods.olm.search import search  # imports torch: only when OLM runs
 
     reporter = context.reporter
     result = search(
@@ -46,9 +47,7 @@ def plan(config: OlmConfig, sources: Mapping[str, ModelSource], context: MergeCo
         progress=reporter.progress if reporter else None,
         log=reporter.log if reporter else None,
     )
-    if context.staging is not None:
-        (context.staging / REPORT_FILE).write_text(json.dumps(result.report, indent=2) + "\n")
-    return olm_plan(config, result, sources)
+    return Planned(olm_plan(config, result, sources), (OlmReport.from_json(result.report),))
 
 
 def olm_plan(
@@ -86,3 +85,6 @@ def olm_plan(
         out_dtype=config.out_dtype,
         models=[donor, *(m for m in config.referenced_models() if m in used and m != donor)],
     )
+
+
+METHOD = Method("olm", OlmConfig, planner=plan, card_key="olm", card=card_section)

@@ -1,6 +1,6 @@
 """The working model OLM scores: loaded once, changed one layer at a time, evaluated fast.
 
-Three things make a candidate cheap to score:
+What makes a candidate cheap to score:
 
 - Layer swaps copy one layer's tensors from the pool's safetensors into the loaded model; no
   model is ever reloaded or saved per candidate.
@@ -8,10 +8,22 @@ Three things make a candidate cheap to score:
 - At position p, everything below p is the same for all candidates, so the hidden states that
   enter layer p, and for prompts the KV cache of layers below p, are computed once per position.
   Teacher-forced scoring (bigram, and exact's tie-breaker) then runs only layers p..L-1 for each
-  candidate, and so does the prompt pass of generation (exact, quality); the new tokens still
-  run every layer, one token at a time, batched with left padding and a KV cache. A candidate
-  computes exactly what a whole-model pass computes (same operations on the same shapes), so
-  its scores are bitwise those of a full evaluation.
+  candidate, and so does the prompt pass of generation (exact, quality). A candidate computes
+  exactly what a whole-model pass computes (same operations on the same shapes), so its scores
+  are bitwise those of a full evaluation.
+- Generated tokens (batched, left padding, KV cache, one token at a time) are shared too: every
+  generation that runs all layers records its trajectory per batch (each step's tokens, the
+  hidden states entering every layer, the KV cache). A later candidate at position p, while the
+  layers below p are unchanged since, follows it: at a step where every row still open has
+  generated exactly the trajectory's tokens so far, layers below p would compute bitwise what
+  they computed then, so only layers p..L-1 run, fed the recorded input of layer p. The first
+  row that leaves the trajectory makes the batch run every layer again (from the trajectory's
+  KV cache, which is that row's own up to there) until that row finishes. A finished row's
+  later tokens are never read, and rows never mix (per-row arithmetic, same shapes), so it
+  need not follow. Most candidates answer like the model they change, so most steps follow.
+- In exact mode a row stops as soon as its answer has certainly missed the reference
+  (`answers.early_miss`); its score is known, and it no longer holds its batch on the
+  trajectory either.
 - Those per-position caches are built from the nearest still-valid layer below, not from the
   embeddings: in `forward` order position p costs one layer (p - 1, just decided), in
   `backward` order the layers below never change and inputs kept at every sqrt(L)-th layer
@@ -33,8 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hubmerge.answers import Settled, Step, build_prompts, early_miss, eos_ids, greedy_decode
 from hubmerge.datasets import Sample
-from hubmerge.generation import build_prompts, eos_ids, greedy_decode
 from hubmerge.methods.olm.scoring import (
     Score,
     bigram_score,
@@ -69,6 +81,33 @@ class _Prefix:
 
 
 @dataclass
+class _Trajectory:
+    """One batch's greedy generation through every layer, recorded at clock value `clock`.
+
+    Step i fed `tokens[i]` (one id per row); `inputs[i][k]` is the hidden state that entered
+    layer k then. The KV cache before step i is `cache` (after the last step) cut to
+    `width + i` positions, or, for a sliding-window layer (which drops old entries),
+    `sliding[i][layer]`, a copy kept before the step.
+    """
+
+    clock: int
+    width: int
+    tokens: list[torch.Tensor] = field(default_factory=list)
+    inputs: list[list[torch.Tensor]] = field(default_factory=list)
+    sliding: list[dict[int, Any]] = field(default_factory=list)
+    cache: Any = None
+
+    def layer_before(self, layer: int, step: int) -> Any:
+        """Layer `layer`'s KV-cache entry as it was before step `step` (a copy to update)."""
+        if layer in self.sliding[step]:
+            return copy.copy(self.sliding[step][layer])
+        entry = copy.copy(self.cache.layers[layer])
+        entry.keys = entry.keys[..., : self.width + step, :]
+        entry.values = entry.values[..., : self.width + step, :]
+        return entry
+
+
+@dataclass
 class _Batch:
     """Left-padded token ids of a batch; the last `answer_lengths[i]` of row i are the answer."""
 
@@ -77,6 +116,7 @@ class _Batch:
     position_ids: torch.Tensor
     answer_lengths: list[int]
     prefix: _Prefix = field(default_factory=_Prefix)
+    trajectory: _Trajectory | None = None
 
 
 @dataclass
@@ -105,6 +145,8 @@ class Counters:
     swap_seconds: float = 0.0
     generated_tokens: int = 0
     generation_seconds: float = 0.0
+    #: Decoding steps that followed a recorded trajectory (ran only layers p..L-1).
+    trajectory_steps: int = 0
 
 
 class _Captured(Exception):
@@ -146,6 +188,7 @@ class WorkingModel:
         self.counters = Counters()
         self._params = self.model.state_dict(keep_vars=True)
         self._eos = eos_ids(self.model, self.tokenizer)
+        self._early_miss = early_miss(self.tokenizer)
         pad = self.tokenizer.pad_token_id
         self._pad = pad if pad is not None else (self._eos[0] if self._eos else 0)
         self.tasks = [
@@ -321,6 +364,7 @@ class WorkingModel:
         for task in self.tasks:
             for batch in task.forced_batches + task.prompt_batches:
                 batch.prefix = _Prefix()
+                batch.trajectory = None
 
     def _new_cache(self) -> Any:
         from transformers import DynamicCache
@@ -406,18 +450,141 @@ class WorkingModel:
         began = time.perf_counter()
         outputs: list[str] = []
         for batch in task.prompt_batches:
-            rows = greedy_decode(
-                self.model,
-                batch.input_ids,
-                batch.attention_mask,
-                max_new_tokens,
-                self._eos,
-                prefill=self._prefill(batch, start) if start else None,
-            )
+            settled = self._settled(task, len(outputs))
+            trajectory = batch.trajectory
+            if trajectory is not None and start and trajectory.clock >= self._below(start):
+                rows = greedy_decode(
+                    self.model,
+                    batch.input_ids,
+                    batch.attention_mask,
+                    max_new_tokens,
+                    self._eos,
+                    prefill=self._prefill(batch, start),
+                    step=self._follow(trajectory, start),
+                    settled=settled,
+                )
+            else:
+                record = _Trajectory(self._clock, batch.input_ids.shape[1])
+                with self._recording(record) as step:
+                    rows = greedy_decode(
+                        self.model,
+                        batch.input_ids,
+                        batch.attention_mask,
+                        max_new_tokens,
+                        self._eos,
+                        prefill=self._prefill(batch, start) if start else None,
+                        step=step,
+                        settled=settled,
+                    )
+                batch.trajectory = record if self._replayable(record) else None
             self.counters.generated_tokens += sum(len(row) for row in rows)
             outputs += [str(self.tokenizer.decode(row, skip_special_tokens=True)) for row in rows]
         self.counters.generation_seconds += time.perf_counter() - began
         return outputs
+
+    def _settled(self, task: Task, offset: int) -> Settled | None:
+        """In exact mode, whether a row (of the batch whose first sample is `offset`) has
+        already missed its reference, whatever it generates next (`answers.early_miss`): its
+        score is known, so it stops there, in every evaluation alike."""
+        misses = self._early_miss
+        if task.mode != "exact" or misses is None:
+            return None
+        references = task.references
+        return lambda row, tokens: misses(tokens, references[offset + row])
+
+    def _step(self, tokens: torch.Tensor, mask: torch.Tensor, at: torch.Tensor, cache: Any) -> Any:
+        """One decoding pass (of the layers `_from_layer` leaves), as `greedy_decode` runs it."""
+        return self.model(
+            input_ids=tokens[:, None],
+            attention_mask=mask,
+            position_ids=at,
+            cache=cache,
+            use_cache=True,
+        )
+
+    @contextlib.contextmanager
+    def _recording(self, record: _Trajectory) -> Iterator[Step]:
+        """A decoding step that runs every layer and writes what it computed into `record`."""
+        from transformers.cache_utils import DynamicSlidingWindowLayer
+
+        layers = self.model.model.layers
+        entered: list[torch.Tensor] = []
+
+        def capture(_: nn.Module, args: tuple, kwargs: dict) -> None:
+            entered.append(args[0] if args else kwargs["hidden_states"])
+
+        def step(
+            index: int, tokens: torch.Tensor, _: torch.Tensor, mask: torch.Tensor,
+            at: torch.Tensor, cache: Any,
+        ) -> Any:  # fmt: skip
+            entered.clear()
+            record.sliding.append(
+                {
+                    j: copy.copy(entry)
+                    for j, entry in enumerate(cache.layers)
+                    if isinstance(entry, DynamicSlidingWindowLayer)
+                }
+            )
+            out = self._step(tokens, mask, at, cache)
+            record.tokens.append(tokens)
+            record.inputs.append(list(entered))
+            record.cache = out.cache
+            return out
+
+        handles = [layer.register_forward_pre_hook(capture, with_kwargs=True) for layer in layers]
+        try:
+            yield step
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _replayable(self, record: _Trajectory) -> bool:
+        """Whether every step of `record` is complete and every cache entry of a kind that
+        `_Trajectory.layer_before` can rewind."""
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+        depth = len(self.model.model.layers)
+        return (
+            record.cache is not None
+            and all(len(entered) == depth for entered in record.inputs)
+            and all(
+                type(entry) in (DynamicLayer, DynamicSlidingWindowLayer)
+                for entry in record.cache.layers
+            )
+        )
+
+    def _follow(self, trajectory: _Trajectory, start: int) -> Step:
+        """A decoding step from layer `start` that reuses `trajectory` where it may (see the
+        module docstring); elsewhere it runs every layer, as a whole-model pass does."""
+        agree: torch.Tensor | None = None
+        own_below = True  # whether the cache below `start` is the batch's own, up to date
+
+        def step(
+            index: int, tokens: torch.Tensor, live: torch.Tensor, mask: torch.Tensor,
+            at: torch.Tensor, cache: Any,
+        ) -> Any:  # fmt: skip
+            nonlocal agree, own_below
+            same = (
+                tokens == trajectory.tokens[index]
+                if index < len(trajectory.tokens)
+                else torch.zeros_like(live)
+            )
+            agree = same if agree is None else agree & same
+            follow = bool((agree | ~live).all())
+            if follow or not own_below:
+                # The trajectory's entries below `start`, as long as before this step (the
+                # attention mask is sized from them); an open row that agreed so far has
+                # exactly these.
+                for j in range(start):
+                    cache.layers[j] = trajectory.layer_before(j, index)
+                own_below = not follow
+            if not follow:
+                return self._step(tokens, mask, at, cache)
+            self.counters.trajectory_steps += 1
+            with self._from_layer(start, trajectory.inputs[index][start]):
+                return self._step(tokens, mask, at, cache)
+
+        return step
 
     def _prefill(self, batch: _Batch, start: int) -> Callable[[], Any]:
         """The prompt pass of generation from layer `start`, with the shared KV cache below."""

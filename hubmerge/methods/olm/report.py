@@ -1,5 +1,8 @@
 """`merge_report.json`: OLM's record of every score, written atomically after every position.
 
+While the search runs the report is a JSON-ready dict (its resume state, validated here when it
+is read back); the finished one is typed as `folder.OlmReport` for the merge and the card.
+
 The report is also the resume state: a re-run with the same config fingerprint continues at
 the first unfinished position and re-evaluates nothing recorded. Its layout follows the public
 implementation's (`metrics: {dataset: {model: score}}` and `best_model` per layer) and adds
@@ -10,16 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from hubmerge.config import OlmConfig
 from hubmerge.datasets import dataset_file
 from hubmerge.errors import ConfigError
+from hubmerge.folder import atomic_write, json_text
 from hubmerge.methods.olm.scoring import Score
 
-REPORT_FILE = "merge_report.json"
 VERSION = 2
 
 
@@ -103,7 +105,4 @@ def load_report(path: Path, config: OlmConfig, *, restart: bool) -> dict[str, An
 
 def save_report(path: Path, report: dict[str, Any]) -> None:
     """Write the report so that a crash leaves either the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(partial, path)
+    atomic_write(path, json_text(report))

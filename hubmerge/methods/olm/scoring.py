@@ -2,7 +2,8 @@
 
 Every metric is "lower is better":
 
-- exact: the share of samples whose stripped greedy output differs from the stripped reference.
+- exact: the share of samples whose greedy output misses the reference (`answers.exact_match`:
+  equal once both are stripped).
   Ties are broken by the mean negative log-likelihood per reference token (teacher-forced).
 - bigram: per sample, exp(mean over adjacent answer-token pairs (i, i+1) of (CE_i + CE_{i+1}));
   a one-token answer uses exp(CE_0). The dataset's score is the mean over samples.
@@ -31,6 +32,8 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from hubmerge.answers import exact_match
 
 #: The score of a degenerate generation: finite (JSON-safe) and above any reachable score.
 WORST = 1e30
@@ -83,8 +86,8 @@ def quality_score(text: str, *, min_words: int, target_words: int) -> float:
 
 
 def exact_misses(outputs: Sequence[str], references: Sequence[str]) -> tuple[float, ...]:
-    """Per output, 1.0 if it differs from its reference once both are stripped, else 0.0."""
-    return tuple(float(o.strip() != r.strip()) for o, r in zip(outputs, references, strict=True))
+    """Per output, 1.0 if it misses its reference (`answers.exact_match`), else 0.0."""
+    return tuple(float(not exact_match(o, r)) for o, r in zip(outputs, references, strict=True))
 
 
 def exact_mismatch(outputs: Sequence[str], references: Sequence[str]) -> float:

@@ -27,10 +27,10 @@ import torch
 
 from hubmerge.config import OlmConfig
 from hubmerge.datasets import Sample, load_conversations
+from hubmerge.folder import OLM_REPORT_FILE
 from hubmerge.methods.olm import PARTS, part_of
 from hubmerge.methods.olm.evaluate import Limits, WorkingModel
 from hubmerge.methods.olm.report import (
-    REPORT_FILE,
     load_report,
     new_report,
     save_report,
@@ -204,7 +204,7 @@ def search(
         starters = [Candidate(config.base_model, ((config.base_model, 1.0),))]
     at_positions = (pool if "layers" in config.candidates else []) + blends
     by_label = {c.label: c for c in [*pool, *blends, *starters]}
-    report_path = state / REPORT_FILE if state else None
+    report_path = state / OLM_REPORT_FILE if state else None
     report = (
         load_report(report_path, config, restart=restart) if report_path else new_report(config)
     )

@@ -37,6 +37,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from hubmerge.folder import atomic_write
 from hubmerge.tensorfile import TensorInfo, read_tensor
 
 Normalize = Literal["none", "minmax"]
@@ -201,11 +202,5 @@ class _CacheEntry:
         a cache that cannot be written only costs a later run the time to score again."""
         if self.path is None:
             return
-        partial = self.path.with_suffix(f".{os.getpid()}.tmp")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_text(json.dumps({"key": self.key, "scores": self.scores}))
-            os.replace(partial, self.path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                partial.unlink()
+        with contextlib.suppress(OSError):
+            atomic_write(self.path, json.dumps({"key": self.key, "scores": self.scores}))

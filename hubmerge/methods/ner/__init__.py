@@ -1,5 +1,5 @@
 """NER layer selection (seed 002): take each layer from the model whose weights have the highest
-Normalized Effective Rank (see `hubmerge.ner` for the score and how it is computed).
+Normalized Effective Rank (see `scores.py` for the score and how it is computed).
 
 `granularity: layer` scores a layer by the mean NER of its 2-D weight matrices and takes the
 whole layer from the best model. `granularity: module` chooses every 2-D weight on its own (its
@@ -9,37 +9,36 @@ to candidate order, so a run is deterministic. Embeddings, final norm and `lm_he
 the base unless `embeddings: ner`, which chooses them by NER too but never splits tied
 embeddings.
 
-The choice compiles to a plan like every other method's. Alongside the model it writes
-`ner_report.json` (every score, every choice, the recipe) and `ner_heatmap.png` for the card.
+The choice compiles to a plan like every other method's, with a `NerReport` (every score, every
+choice, the recipe) that the merge writes beside the model; the card draws its heatmap from it
+(`card.py`).
 """
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections.abc import Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
+from hubmerge import arch
 from hubmerge.config import NerConfig
 from hubmerge.devices import check_device
 from hubmerge.errors import ConfigError, SourceError
+from hubmerge.folder import NerEdge, NerLayer, NerModelScores, NerReport
+from hubmerge.methods.base import Context, Method, Planned
+from hubmerge.methods.ner.card import card_section, draw_heatmap
 from hubmerge.plan import EdgePlan, LayerPlan, MergePlan, edge_tensors
+from hubmerge.recipe import plan_recipe
 from hubmerge.sources import ModelSource
 from hubmerge.tensorfile import DTYPE_CODES, TensorInfo
 
-if TYPE_CHECKING:
-    from hubmerge.merge import MergeContext
-
-REPORT_FILE = "ner_report.json"
-HEATMAP_FILE = "ner_heatmap.png"
 #: Scores closer than this are equal. Real differences between models are around 1e-4; this
 #: absorbs the last-bit noise of identical weights scored on another device or machine.
 TIE = 1e-10
 
 
-def plan(config: NerConfig, sources: Mapping[str, ModelSource], context: MergeContext) -> MergePlan:
-    from hubmerge import ner  # imports torch: only when a NER merge runs
+def plan(config: NerConfig, sources: Mapping[str, ModelSource], context: Context) -> Planned:
+    """Score every matrix, choose, and plan; the report holds the scores and the recipe."""
+    from hubmerge.methods.ner import scores as ner  # imports torch: only when a NER merge runs
 
     pool = config.referenced_models()
     _check_pool(config, pool, sources)
@@ -78,21 +77,18 @@ def plan(config: NerConfig, sources: Mapping[str, ModelSource], context: MergeCo
         out_dtype=config.out_dtype,
         models=[ref for ref in pool if ref in used or ref == config.base_model],
     )
-    if context.staging is not None:
-        report = {
-            "method": "ner",
-            "granularity": config.granularity,
-            "normalize": config.normalize,
-            "base_model": config.base_model,
-            "models": pool,
-            "layers": records,
-            "embed": edges["embed"],
-            "head": edges["head"],
-            "recipe": result.to_recipe(sources),
-        }
-        (context.staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        write_heatmap(report, context.staging / HEATMAP_FILE)
-    return result
+    recipe = plan_recipe(result, sources)
+    report = NerReport(
+        granularity=config.granularity,
+        normalize=config.normalize,
+        base_model=config.base_model,
+        models=pool,
+        layers=records,
+        embed=edges["embed"],
+        head=edges["head"],
+        recipe=recipe,
+    )
+    return Planned(result, (report,), recipe)
 
 
 Matrices = dict[str, TensorInfo]
@@ -104,10 +100,10 @@ def _choose_layers(
     sources: Mapping[str, ModelSource],
     matrices: Mapping[str, list[Matrices]],
     scores: Mapping[TensorInfo, float],
-) -> tuple[list[LayerPlan], list[dict[str, Any]]]:
+) -> tuple[list[LayerPlan], list[NerLayer]]:
     """Each output layer's plan, and its report record (every score, every choice)."""
     layers: list[LayerPlan] = []
-    records: list[dict[str, Any]] = []
+    records: list[NerLayer] = []
     for index, tensors in enumerate(sources[config.base_model].layers):
         matrix_scores = {
             suffix: {ref: scores[matrices[ref][index][suffix]] for ref in pool}
@@ -115,23 +111,19 @@ def _choose_layers(
         }
         means = {ref: statistics.fmean(s[ref] for s in matrix_scores.values()) for ref in pool}
         winner = _best(means)
-        record: dict[str, Any] = {
-            "layer": index,
-            "chosen": winner,
-            "scores": {
-                ref: {"mean": means[ref], "matrices": {s: v[ref] for s, v in matrix_scores.items()}}
-                for ref in pool
-            },
-        }
+        modules: dict[str, str] | None = None
         if config.granularity == "layer":
             layers.append(LayerPlan(winner, index))
         else:
             best = {s: _best(v) for s, v in matrix_scores.items()}
             # A bias goes with its weight; norms (no matrix) with the best layer.
             modules = {s: best.get(s, best.get(_weight_of(s), winner)) for s in tensors}
-            record["modules"] = modules
             layers.append(LayerPlan.from_choices({s: (m, index) for s, m in modules.items()}))
-        records.append(record)
+        layer_scores = {
+            ref: NerModelScores(means[ref], {s: v[ref] for s, v in matrix_scores.items()})
+            for ref in pool
+        }
+        records.append(NerLayer(index, winner, layer_scores, modules))
     return layers, records
 
 
@@ -140,22 +132,22 @@ def _choose_edges(
     pool: list[str],
     matrices: Mapping[str, Mapping[bool, Matrices]],
     scores: Mapping[TensorInfo, float],
-) -> tuple[str, str, dict[str, Any]]:
+) -> tuple[str, str, dict[str, NerEdge]]:
     """The embeddings' and the head's models, and their report records."""
     if config.embeddings == "base":
-        chosen = {"chosen": config.base_model}
+        chosen = NerEdge(config.base_model)
         return config.base_model, config.base_model, {"embed": chosen, "head": chosen}
-    edges: dict[str, Any] = {}
+    edges: dict[str, NerEdge] = {}
     for name, pre in (("embed", True), ("head", False)):
         if matrices[config.base_model][pre]:
             edge_scores = {
                 ref: statistics.fmean(scores[i] for i in matrices[ref][pre].values())
                 for ref in pool
             }
-            edges[name] = {"chosen": _best(edge_scores), "scores": edge_scores}
+            edges[name] = NerEdge(_best(edge_scores), edge_scores)
     # Tied embeddings have no `lm_head`: the head (final norm) stays with the embeddings.
-    edges.setdefault("head", {"chosen": edges["embed"]["chosen"], "tied": True})
-    return edges["embed"]["chosen"], edges["head"]["chosen"], edges
+    edges.setdefault("head", NerEdge(edges["embed"].chosen, tied=True))
+    return edges["embed"].chosen, edges["head"].chosen, edges
 
 
 def _matrices(tensors: Mapping[str, TensorInfo]) -> Matrices:
@@ -220,7 +212,7 @@ def _common_dtype(
         if name in sources[ref].tensors
     ):
         return None
-    dtype = base.config.get("dtype") or base.config.get("torch_dtype")
+    dtype = arch.config_dtype(base.config)
     if dtype not in DTYPE_CODES:
         raise ConfigError(
             "dtype: the models store their weights in different dtypes and the base model's "
@@ -229,52 +221,6 @@ def _common_dtype(
     return dtype
 
 
-def write_heatmap(report: Mapping[str, Any], path: Path) -> None:
-    """Layers x models, coloured by each layer score's distance from the layer's mean (the
-    scores of one layer differ in the 3rd or 4th digit, far less than from layer to layer).
-    The best-scoring model of each layer is framed; in module granularity each cell also
-    counts the matrices taken from that model."""
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
-
-    models: list[str] = report["models"]
-    records = report["layers"]
-    module = report["granularity"] == "module"
-    means = np.array([[r["scores"][m]["mean"] for m in models] for r in records])
-    delta = means - means.mean(axis=1, keepdims=True)
-    bound = float(np.abs(delta).max()) or 1.0
-    fig = Figure(figsize=(2.6 + 1.3 * len(models), 1.8 + 0.32 * len(records)))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    image = ax.imshow(delta, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto")
-    fig.colorbar(image, ax=ax, label="NER minus the layer's mean")
-    ax.set_xticks(range(len(models)), [Path(m).name or m for m in models], rotation=30, ha="right")
-    ax.set_yticks(range(len(records)), [str(r["layer"]) for r in records])
-    ax.set_xlabel("model")
-    ax.set_ylabel("layer")
-    ax.set_title(
-        "Mean NER per layer; framed: the best"
-        + ("\n(n): matrices taken from the model" if module else "")
-    )
-    for row, record in enumerate(records):
-        for col, model in enumerate(models):
-            text = f"{means[row, col]:.4f}"
-            if module:
-                matrices = record["scores"][model]["matrices"]
-                text += f" ({sum(record['modules'][s] == model for s in matrices)})"
-            dark = abs(delta[row, col]) > 0.6 * bound  # the deep colours need white text
-            ax.text(
-                col,
-                row,
-                text,
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="white" if dark else "black",
-            )
-            if record["chosen"] == model:
-                ax.add_patch(Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, linewidth=2))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+METHOD = Method(
+    "ner", NerConfig, planner=plan, card_key="ner", card=card_section, images=draw_heatmap
+)
