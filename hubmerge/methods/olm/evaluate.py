@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hubmerge import arch
 from hubmerge.answers import Settled, Step, build_prompts, early_miss, eos_ids, greedy_decode
 from hubmerge.datasets import Sample
 from hubmerge.methods.olm.scoring import (
@@ -247,7 +248,7 @@ class WorkingModel:
         target[weights.prefix + leaf] = value.to("cpu", param.dtype, copy=True)
 
     def load_layer(self, position: int, source: ModelSource, layer: int) -> None:
-        self.load({f"model.layers.{position}.{s}": t for s, t in source.layers[layer].items()})
+        self.load({arch.layer_name(position, s): t for s, t in source.layers[layer].items()})
 
     def load_model(self, source: ModelSource) -> None:
         """Make the working model `source` entirely (base selection evaluates each pool model)."""

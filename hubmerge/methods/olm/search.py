@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from hubmerge import arch
 from hubmerge.config import OlmConfig
 from hubmerge.datasets import Sample, load_conversations
 from hubmerge.folder import OLM_REPORT_FILE
@@ -134,7 +135,7 @@ class _Tensors:
         layer, part = position
         suffixes = self.sources[candidate.terms[0][0]].layers[layer]
         return {
-            f"model.layers.{layer}.{s}": self._value(
+            arch.layer_name(layer, s): self._value(
                 candidate,
                 lambda src, s=s: src.layers[layer][s],  # type: ignore[misc]
             )
