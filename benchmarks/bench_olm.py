@@ -570,9 +570,9 @@ def measure_workers(pool: Sequence[Path], samples: int, workers: int) -> dict[st
         report = result.report
         runs[n] = {
             "search": vars(t),
-            "positions_wall_s": sum(layer["seconds"] for layer in report["layers"]),
-            "decisions": [layer["best_model"] for layer in report["layers"]],
-            "scores": [layer["scores"] for layer in report["layers"]],
+            "positions_wall_s": sum(layer.seconds for layer in report.layers),
+            "decisions": [layer.best_model for layer in report.layers],
+            "scores": [layer.scores for layer in report.layers],
         }
         print(
             f"  {n} worker(s): search {t.wall:.1f} s wall, positions "

@@ -397,9 +397,10 @@ class OlmHeldout:
         )
 
 
-@dataclass(frozen=True)
+@dataclass
 class OlmReport:
-    """`merge_report.json`: OLM's record of every score (see `methods/olm/report.py`)."""
+    """`merge_report.json`: OLM's record of every score (see `methods/olm/report.py`). Not
+    frozen: it is also the search's resume state, filled in position by position."""
 
     FILE: ClassVar[str] = OLM_REPORT_FILE
     KIND: ClassVar[str] = "an OLM"

@@ -277,8 +277,8 @@ def olm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     saved: list[str] = []
     real_save = search.save_report
 
-    def keep(path: Path, report: dict) -> None:  # the search's own record, as it saves it
-        saved.append(json.dumps(report))
+    def keep(path: Path, report: OlmReport) -> None:  # the search's own record, as it saves it
+        saved.append(json.dumps(report.to_json()))
         real_save(path, report)
 
     with pytest.MonkeyPatch.context() as patch:

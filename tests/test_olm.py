@@ -12,6 +12,7 @@ import torch
 
 from hubmerge import zoo
 from hubmerge.config import parse_config
+from hubmerge.folder import OlmReport
 from hubmerge.merge import merge, open_sources
 from tests.helpers import logits, run_cli, tensors, write_yaml
 
@@ -210,7 +211,7 @@ def test_interrupted_run_resumes_without_repeating_work(
     saves = {"n": 0}
     real_save = search_module.save_report
 
-    def save_then_die(path: Path, report: dict) -> None:
+    def save_then_die(path: Path, report: OlmReport) -> None:
         real_save(path, report)
         saves["n"] += 1
         if saves["n"] == 3:  # base selection, then two positions
@@ -245,7 +246,7 @@ def test_changed_config_is_refused_unless_restart(
 
     real_save = search_module.save_report
 
-    def save_then_stop(path: Path, report: dict) -> None:
+    def save_then_stop(path: Path, report: OlmReport) -> None:
         real_save(path, report)
         raise KeyboardInterrupt
 

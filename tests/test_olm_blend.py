@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hubmerge import zoo
 from hubmerge.config import parse_config
-from hubmerge.folder import yaml_text
+from hubmerge.folder import OlmReport, yaml_text
 from hubmerge.merge import merge, open_sources
 from hubmerge.plan import EdgePlan, LayerPlan, MergePlan
 from hubmerge.recipe import plan_recipe
@@ -288,7 +288,7 @@ def test_planted_layer_is_taken_and_resume_reproduces_it(
     real_save = search_module.save_report
     saves = {"n": 0}
 
-    def save_then_die(path: Path, data: dict) -> None:
+    def save_then_die(path: Path, data: OlmReport) -> None:
         real_save(path, data)
         saves["n"] += 1
         if saves["n"] == 3:  # the starting model, then positions 0 and 1

@@ -36,7 +36,7 @@ def test_a_damaged_olm_state_file_is_one_line(tmp_path: Path, saved: bytes) -> N
     path.write_bytes(saved)
     with pytest.raises(ConfigError, match="damaged .* pass --restart to discard it"):
         load_report(path, config, restart=False)
-    assert load_report(path, config, restart=True)["layers"] == []
+    assert load_report(path, config, restart=True).layers == []
 
 
 def test_a_truncated_state_file_stops_the_merge_in_one_line(tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from hubmerge.config import OlmConfig
-from hubmerge.folder import OlmReport
 from hubmerge.methods.base import Context, Method, Planned
 from hubmerge.methods.olm.card import card_section
 from hubmerge.plan import EdgePlan, LayerBlend, LayerPlan, MergePlan, edge_tensors
@@ -47,7 +46,7 @@ def plan(config: OlmConfig, sources: Mapping[str, ModelSource], context: Context
         progress=reporter.progress if reporter else None,
         log=reporter.log if reporter else None,
     )
-    return Planned(olm_plan(config, result, sources), (OlmReport.from_json(result.report),))
+    return Planned(olm_plan(config, result, sources), (result.report,))
 
 
 def olm_plan(

@@ -453,30 +453,25 @@ class WorkingModel:
         for batch in task.prompt_batches:
             settled = self._settled(task, len(outputs))
             trajectory = batch.trajectory
+            record: _Trajectory | None = None
+            steps: contextlib.AbstractContextManager[Step]
             if trajectory is not None and start and trajectory.clock >= self._below(start):
+                steps = contextlib.nullcontext(self._follow(trajectory, start))
+            else:
+                record = _Trajectory(self._clock, batch.input_ids.shape[1])
+                steps = self._recording(record)
+            with steps as step:
                 rows = greedy_decode(
                     self.model,
                     batch.input_ids,
                     batch.attention_mask,
                     max_new_tokens,
                     self._eos,
-                    prefill=self._prefill(batch, start),
-                    step=self._follow(trajectory, start),
+                    prefill=self._prefill(batch, start) if start else None,
+                    step=step,
                     settled=settled,
                 )
-            else:
-                record = _Trajectory(self._clock, batch.input_ids.shape[1])
-                with self._recording(record) as step:
-                    rows = greedy_decode(
-                        self.model,
-                        batch.input_ids,
-                        batch.attention_mask,
-                        max_new_tokens,
-                        self._eos,
-                        prefill=self._prefill(batch, start) if start else None,
-                        step=step,
-                        settled=settled,
-                    )
+            if record is not None:
                 batch.trajectory = record if self._replayable(record) else None
             self.counters.generated_tokens += sum(len(row) for row in rows)
             outputs += [str(self.tokenizer.decode(row, skip_special_tokens=True)) for row in rows]

@@ -1,8 +1,5 @@
 """`merge_report.json`: OLM's record of every score, written atomically after every position.
 
-While the search runs the report is a JSON-ready dict (its resume state, validated here when it
-is read back); the finished one is typed as `folder.OlmReport` for the merge and the card.
-
 The report is also the resume state: a re-run with the same config fingerprint continues at
 the first unfinished position and re-evaluates nothing recorded. Its layout follows the public
 implementation's (`metrics: {dataset: {model: score}}` and `best_model` per layer) and adds
@@ -19,7 +16,7 @@ from typing import Any
 from hubmerge.config import OlmConfig
 from hubmerge.datasets import dataset_file
 from hubmerge.errors import ConfigError
-from hubmerge.folder import atomic_write, json_text
+from hubmerge.folder import OlmReport, atomic_write, json_text
 from hubmerge.methods.olm.scoring import Score
 
 VERSION = 2
@@ -61,22 +58,22 @@ def scores_from_json(data: dict[str, dict[str, Any]]) -> dict[str, Score]:
     }
 
 
-def new_report(config: OlmConfig) -> dict[str, Any]:
-    return {
-        "version": VERSION,
-        "fingerprint": fingerprint(config),
-        "direction": config.direction,
-        "aggregate": config.aggregate,
-        "datasets": {name: d.mode for name, d in config.dataset.items()},
-        "base_model": None,
-        "base_selection": None,
-        "base_scores": None,
-        "layers": [],
-        "complete": False,
-    }
+def new_report(config: OlmConfig) -> OlmReport:
+    return OlmReport(
+        version=VERSION,
+        fingerprint=fingerprint(config),
+        direction=config.direction,
+        aggregate=config.aggregate,
+        datasets={name: d.mode for name, d in config.dataset.items()},
+        base_model=None,
+        base_selection=None,
+        base_scores=None,
+        layers=[],
+        complete=False,
+    )
 
 
-def load_report(path: Path, config: OlmConfig, *, restart: bool) -> dict[str, Any]:
+def load_report(path: Path, config: OlmConfig, *, restart: bool) -> OlmReport:
     """The saved report to resume from, or a fresh one; a changed config is refused."""
     if restart or not path.exists():
         return new_report(config)
@@ -85,17 +82,13 @@ def load_report(path: Path, config: OlmConfig, *, restart: bool) -> dict[str, An
         "pass --restart to discard it"
     )
     try:
-        report = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, ValueError, RecursionError):
+        data = json.loads(path.read_bytes().decode("utf-8"))
+        report = OlmReport.from_json(data)
+    except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError):
         raise damaged from None
-    if not (
-        isinstance(report, dict)
-        and report.get("version") == VERSION
-        and isinstance(report.get("layers"), list)
-        and all(isinstance(record, dict) for record in report["layers"])
-    ):
+    if report.version != VERSION:
         raise damaged
-    if report.get("fingerprint") != fingerprint(config):
+    if report.fingerprint != fingerprint(config):
         raise ConfigError(
             f"{path}: an unfinished OLM run with a different config (models, datasets, samples or "
             "modes changed) is saved here; pass --restart to discard it"
@@ -103,6 +96,6 @@ def load_report(path: Path, config: OlmConfig, *, restart: bool) -> dict[str, An
     return report
 
 
-def save_report(path: Path, report: dict[str, Any]) -> None:
+def save_report(path: Path, report: OlmReport) -> None:
     """Write the report so that a crash leaves either the old or the new file, never half."""
-    atomic_write(path, json_text(report))
+    atomic_write(path, json_text(report.to_json()))

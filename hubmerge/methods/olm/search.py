@@ -28,7 +28,7 @@ import torch
 from hubmerge import arch
 from hubmerge.config import OlmConfig
 from hubmerge.datasets import Sample, load_conversations
-from hubmerge.folder import OLM_REPORT_FILE
+from hubmerge.folder import OLM_REPORT_FILE, OlmPosition, OlmReport, OlmSelection
 from hubmerge.methods.olm import PARTS, part_of
 from hubmerge.methods.olm.evaluate import Limits, WorkingModel
 from hubmerge.methods.olm.report import (
@@ -67,7 +67,7 @@ class SearchResult:
     #: The label of the candidate chosen at every position.
     winners: dict[Position, str]
     candidates: dict[str, Candidate]
-    report: dict[str, Any]
+    report: OlmReport
     #: The working model as the search left it (None when workers did the scoring).
     model: WorkingModel | None
 
@@ -212,7 +212,7 @@ def search(
     torch.manual_seed(config.seed)
     tensors = _Tensors(config, sources)
 
-    first = by_label[report["base_model"] or starters[0].label]
+    first = by_label[report.base_model or starters[0].label]
     limits = Limits(
         config.limits.exact.max_new_tokens,
         config.limits.quality.max_new_tokens,
@@ -258,35 +258,35 @@ def search(
         return scores_json(dict(zip(names, scores, strict=True)))
 
     holds = first.model  # the working model is this pool model as loaded
-    if report["base_model"] is None:
+    if report.base_model is None:
         advance = progress("OLM starting model", len(starters)) if progress else None
         table = evaluate_candidates(scorer, tensors.whole, starters, 0, advance)
         labels = [c.label for c in starters]
         index, merit = choose(table, labels)
-        report["base_model"] = labels[index]
-        report["base_scores"] = as_json(table[labels[index]])
-        report["base_selection"] = None if config.base_model else {
-            "scores": {label: as_json(table[label]) for label in labels},
-            "merit": dict(zip(labels, merit, strict=True)),
-        }  # fmt: skip
+        report.base_model = labels[index]
+        report.base_scores = as_json(table[labels[index]])
+        report.base_selection = None if config.base_model else OlmSelection(
+            {label: as_json(table[label]) for label in labels},
+            dict(zip(labels, merit, strict=True)),
+        )  # fmt: skip
         holds = starters[-1].label
         save()
-    base = by_label[report["base_model"]]
+    base = by_label[report.base_model]
     if holds != base.label and working:
         working.load(tensors.whole(base))
 
     depth = sources[base.terms[0][0]].num_layers
     order = positions(config, depth)
     winners: dict[Position, str] = dict.fromkeys(order, base.label)
-    current = [scores_from_json(report["base_scores"])[n] for n in names]
-    for decided in report["layers"]:  # resume: re-apply what earlier runs decided
-        position = (decided["layer"], decided.get("part"))
-        winners[position] = decided["best_model"]
-        if decided["best_model"] != base.label and working:
-            working.load(tensors.at(by_label[decided["best_model"]], position))
-        current = [scores_from_json(decided["scores"][decided["best_model"]])[n] for n in names]
+    current = [scores_from_json(report.base_scores or {})[n] for n in names]
+    for decided in report.layers:  # resume: re-apply what earlier runs decided
+        position = (decided.layer, decided.part)
+        winners[position] = decided.best_model
+        if decided.best_model != base.label and working:
+            working.load(tensors.at(by_label[decided.best_model], position))
+        current = [scores_from_json(decided.scores[decided.best_model])[n] for n in names]
 
-    done = {(decided["layer"], decided.get("part")) for decided in report["layers"]}
+    done = {(decided.layer, decided.part) for decided in report.layers}
     remaining = [p for p in order if p not in done]
     advance = (
         progress("OLM positions x candidates", len(remaining) * (len(at_positions) - 1))
@@ -317,22 +317,20 @@ def search(
             working.load(tensors.at(by_label[winner], position))
         winners[position] = winner
         current = table[winner]
-        record: dict[str, Any] = {"layer": layer}
-        if part is not None:
-            record["part"] = part
-        report["layers"].append(
-            record
-            | {
-                "candidates": labels,
-                "current": holder,
-                "scores": {m: as_json(table[m]) for m in labels},
-                "metrics": {n: {m: table[m][i].value for m in labels} for i, n in enumerate(names)},
-                "merit": dict(zip(labels, merit, strict=True)),
-                "proposed": labels[index],
-                "acceptance": verdict,
-                "best_model": winner,
-                "seconds": round(time.perf_counter() - began, 4),
-            }
+        report.layers.append(
+            OlmPosition(
+                layer=layer,
+                part=part,
+                candidates=labels,
+                current=holder,
+                scores={m: as_json(table[m]) for m in labels},
+                metrics={n: {m: table[m][i].value for m in labels} for i, n in enumerate(names)},
+                merit=dict(zip(labels, merit, strict=True)),
+                proposed=labels[index],
+                acceptance=verdict,
+                best_model=winner,
+                seconds=round(time.perf_counter() - began, 4),
+            )
         )
         save()
         if log:
@@ -340,8 +338,8 @@ def search(
             summary = ", ".join(f"{Path(n).stem} {s.value:.4g}" for n, s in pairs)
             where = f"layer {layer}" + (f" {part}" if part else "")
             log(f"{where}: {winner} ({summary})")
-    report["complete"] = True
-    report["evaluation"] = vars(scorer.counters)
+    report.complete = True
+    report.evaluation = vars(scorer.counters)
     if workers:
         workers.close()
     save()
