@@ -14,6 +14,7 @@ Nothing here imports the merge engine (writer, methods, torch): publishing and c
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -53,6 +54,8 @@ MERGEKIT_REPORT_FILE = "hubmerge_mergekit.json"
 RUN_STATE_FILE = ".hubmerge_run.json"
 #: Where `hubmerge run`'s eval stage writes lm-eval's results (published with the model).
 EVAL_RESULTS_FILE = "eval_results.json"
+#: lm-eval results placed beside a model for its card (`results/*.json`, as CI folders hold them).
+RESULTS_DIR = "results"
 
 
 # -- writing ----------------------------------------------------------------------------------
@@ -101,6 +104,17 @@ def config_yaml(config: MergeConfig) -> str:
 def write_config(config: MergeConfig, folder: Path) -> None:
     """Write `CONFIG_FILE`, the config as given (the card reads its `hub:` and `card:` from it)."""
     (Path(folder) / CONFIG_FILE).write_text(config_yaml(config))
+
+
+def merge_fingerprint(config: MergeConfig) -> str:
+    """What the merged weights depend on: the config without its `hub:` and `card:` sections."""
+    relevant = config.model_dump(mode="json", exclude={"hub", "card"})
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def results_files(folder: Path) -> list[Path]:
+    """The lm-eval results the folder's card shows: `results/*.json`, by name."""
+    return sorted((Path(folder) / RESULTS_DIR).glob("*.json"))
 
 
 def write_plan(plan: MergePlan, folder: Path) -> None:

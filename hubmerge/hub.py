@@ -55,6 +55,7 @@ from hubmerge.folder import (
     MODEL_CONFIG_FILE,
     PLAN_FILE,
     PublicNames,
+    results_files,
 )
 
 T = TypeVar("T")
@@ -212,7 +213,6 @@ def card_for_repo(model_dir: Path, repo_id: str) -> str | None:
     rendered with results from elsewhere) is kept, unless its snippet loads another model:
     that is an error saying how to render it for the repo.
     """
-    from hubmerge.card.folders import results_files
     from hubmerge.card.render import render_card
 
     model_dir = Path(model_dir)

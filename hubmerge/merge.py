@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hubmerge import arch, methods
+from hubmerge.card import write_card
 from hubmerge.card.donors import describe_sources
 from hubmerge.config import MergeConfig, load_config
 from hubmerge.devices import check_device
@@ -153,9 +154,6 @@ def merge(
         # Written even without a card, so that `hubmerge card` can render one later.
         (staging / SOURCES_FILE).write_text(sources_json(describe_sources(sources)))
         if card:
-            # Imported here: the merge writes the card; the card reads only the folder.
-            from hubmerge.card import write_card
-
             write_card(staging, name=out_dir.name)
     shutil.rmtree(work, ignore_errors=True)
     return MergeResult(plan, recipe, out_dir, config)

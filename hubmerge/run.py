@@ -24,7 +24,14 @@ from typing import TYPE_CHECKING, Any
 from hubmerge import hub
 from hubmerge.config import HubSettings, MergeConfig, load_config
 from hubmerge.errors import OutputError
-from hubmerge.folder import EVAL_RESULTS_FILE, RUN_STATE_FILE, atomic_write, json_text, write_config
+from hubmerge.folder import (
+    EVAL_RESULTS_FILE,
+    RUN_STATE_FILE,
+    atomic_write,
+    json_text,
+    merge_fingerprint,
+    write_config,
+)
 
 if TYPE_CHECKING:  # the merge engine (and torch) load only when a merge runs
     from hubmerge.evals import Counter
@@ -187,11 +194,6 @@ def finished_stages(out_dir: Path) -> list[str]:
         return list(json.loads((Path(out_dir) / RUN_STATE_FILE).read_text())["stages"])
     except (OSError, ValueError, KeyError, TypeError):
         return []
-
-
-def merge_fingerprint(config: MergeConfig) -> str:
-    """What the merged weights depend on: the config without its `hub:` and `card:` sections."""
-    return _digest(config.model_dump(mode="json", exclude={"hub", "card"}))
 
 
 def _with_overrides(config: MergeConfig, push: str | None, private: bool) -> MergeConfig:

@@ -82,9 +82,10 @@ def write_task(root: Path) -> Path:
 
 def regenerate(example: Path = EXAMPLE) -> list[Path]:
     """Merge every model of `example` again and replace its committed outputs; the folders."""
-    from hubmerge.card.folders import MODEL_CONFIG, RESULTS_DIR, refresh
+    from hubmerge.card.folders import MODEL_CONFIG, refresh
     from hubmerge.config import load_config
     from hubmerge.evals import run_eval
+    from hubmerge.folder import RESULTS_DIR
     from hubmerge.merge import merge
 
     # By config, not by plan: a new model has no outputs yet.

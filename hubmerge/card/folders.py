@@ -23,11 +23,15 @@ from pathlib import Path
 from hubmerge.card.render import card_files, draw_images, stale_diff
 from hubmerge.config import load_config
 from hubmerge.errors import CardError, HubmergeError
-from hubmerge.folder import CONFIG_FILE, PLAN_FILE, config_yaml
-from hubmerge.run import merge_fingerprint
+from hubmerge.folder import (
+    CONFIG_FILE,
+    PLAN_FILE,
+    config_yaml,
+    merge_fingerprint,
+    results_files,
+)
 
 MODEL_CONFIG = "config.yaml"
-RESULTS_DIR = "results"
 #: The config sections that only feed the card and the upload, never the weights.
 CARD_SECTIONS = ("hub", "card")
 
@@ -64,11 +68,6 @@ def model_folders(root: Path) -> list[Path]:
     if not folders:
         raise CardError(f"{root}: no model folders in it (a model folder holds {PLAN_FILE})")
     return folders
-
-
-def results_files(folder: Path) -> list[Path]:
-    """The lm-eval results the folder's card shows: `results/*.json`, by name."""
-    return sorted((Path(folder) / RESULTS_DIR).glob("*.json"))
 
 
 def refresh(folder: Path, *, check: bool = False, template: Path | None = None) -> FolderReport:
