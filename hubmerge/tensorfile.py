@@ -385,7 +385,8 @@ def _blend_chunks(terms: Sequence[Term], compute: str) -> Iterator[np.ndarray]:
         names = ", ".join(sorted({f"{info.name} {list(info.shape)}" for info, _ in terms}))
         raise SourceError(f"tensors of different shapes cannot be summed ({names})")
     total = math.prod(terms[0][0].shape)
-    for begin in range(0, total, _CHUNK):
+    # A zero-element tensor (a shape with a 0) is one empty chunk, not none.
+    for begin in range(0, max(total, 1), _CHUNK):
         yield _blend_chunk(terms, compute, begin, min(_CHUNK, total - begin))
 
 
