@@ -509,9 +509,7 @@ def loads_config(text: str, where: str) -> MergeConfig:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{where}: invalid YAML{line}: {problem}") from None
     except RecursionError:
-        raise ConfigError(
-            f"{where}: nested too deeply (at most {MAX_CONFIG_DEPTH} levels)"
-        ) from None
+        raise _too_deep(where) from None
     except ValueError as e:  # a value YAML reads but Python cannot hold (a 5,000-digit integer)
         raise ConfigError(f"{where}: invalid YAML: {str(e).splitlines()[0][:80]}") from None
     return parse_config(data, where)
@@ -528,13 +526,15 @@ def _check_depth_of(text: str, where: str) -> None:
             if isinstance(event, yaml.CollectionStartEvent):
                 depth += 1
                 if depth > MAX_CONFIG_DEPTH:
-                    raise ConfigError(
-                        f"{where}: nested too deeply (at most {MAX_CONFIG_DEPTH} levels)"
-                    )
+                    raise _too_deep(where)
             elif isinstance(event, yaml.CollectionEndEvent):
                 depth -= 1
     except yaml.YAMLError:
         return  # invalid YAML: `safe_load` says where, as it always has
+
+
+def _too_deep(where: str) -> ConfigError:
+    return ConfigError(f"{where}: nested too deeply (at most {MAX_CONFIG_DEPTH} levels)")
 
 
 def _check_size(data: Any, where: str) -> None:
@@ -549,7 +549,7 @@ def _check_size(data: Any, where: str) -> None:
         if nodes > MAX_CONFIG_NODES:
             raise ConfigError(f"{where}: over {MAX_CONFIG_NODES:,} values (with aliases expanded)")
         if depth > MAX_CONFIG_DEPTH:
-            raise ConfigError(f"{where}: nested too deeply (at most {MAX_CONFIG_DEPTH} levels)")
+            raise _too_deep(where)
         if isinstance(value, dict):
             stack.extend((v, depth + 1) for v in value.values())
         elif isinstance(value, list):
