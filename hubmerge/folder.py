@@ -592,13 +592,7 @@ class MergekitReport:
     random_seed: int | None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "name": self.name,
-            "reference_url": self.reference_url,
-            "mergekit_version": self.mergekit_version,
-            "random_seed": self.random_seed,
-        }
+        return asdict(self)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> MergekitReport:
