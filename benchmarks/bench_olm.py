@@ -22,10 +22,13 @@ against what it replaces, in the same process and run so the machine's load hits
   layers < p) and its decoding steps follow the trajectory the last whole-layer generation
   recorded (layers p..L-1 only) while its open rows agree with it. Target (exact): candidate /
   full <= 0.5 with the caching amortised over the position's candidates. Scores must be
-  bitwise equal to the full path's. Note that 0.5 is the floor of running layers p..L-1 alone
-  (the mean of (L - p) / L over p = 1..L-1); and the synthetic pool's random models answer
-  nothing alike, so no candidate follows a trajectory there: the zoo's few-shot sweep (trained
-  models) shows the trajectories at work (`trajectory_steps` in the counters).
+  bitwise equal to the full path's. Note that 0.5 is the mean of (L - p) / L over
+  p = 1..L-1, the share of layers a candidate runs; it gets below that only because every pass
+  over prompts skips most of the last layer (its MLP runs only where logits are read), which
+  is a larger share of a candidate's layers than of the whole model's. The synthetic pool's
+  random models answer nothing alike, so no candidate follows a trajectory there (most of
+  their answers miss at the first token): the zoo's few-shot sweep (trained models) shows the
+  trajectories at work (`trajectory_steps` in the counters).
 * The whole `hubmerge demo` as a user runs it: a subprocess, wall and CPU time.
 
 Fast and full evaluations must agree: at each position the candidate's prefix-cached scores

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 Step = Callable[[int, "torch.Tensor", "torch.Tensor", "torch.Tensor", "torch.Tensor", Any], Any]
 
 
+#: What a byte-level decoder shows for bytes that are not (yet) a whole UTF-8 character.
+_REPLACEMENT = "\ufffd"
+
 #: Whether a row's answer is decided already: `(row, tokens generated so far) -> bool`.
 Settled = Callable[[int, list[int]], bool]
 
@@ -39,10 +42,11 @@ def early_miss(tokenizer: Any) -> Callable[[Sequence[int], str], bool] | None:
 
     Decided only for byte-level decoders (GPT-2, Llama 3, Qwen, the zoo) without clean-up of
     spaces: their text is the tokens' bytes, concatenated, decoded as UTF-8 with replacement
-    characters, so later tokens can change only the last character of a prefix's text (an
-    unfinished multi-byte character). Once the rest, stripped, is not the start of the stripped
-    reference, no continuation (stopping now included) can match. Generating on would change
-    no score, only cost time.
+    characters, so later tokens can change only an unfinished multi-byte character at the end
+    of a prefix's text, which decodes as one replacement character. Without it, once the text,
+    stripped, is not the start of the stripped reference, no continuation (stopping now
+    included) can match. Generating on would change no score, only cost time; deciding on the
+    very first token matters most, because a model that misses mostly misses there.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     decoder = getattr(backend, "decoder", None)
@@ -52,7 +56,8 @@ def early_miss(tokenizer: Any) -> Callable[[Sequence[int], str], bool] | None:
         return None
 
     def misses(tokens: Sequence[int], reference: str) -> bool:
-        final = tokenizer.decode(list(tokens), skip_special_tokens=True)[:-1]
+        text = tokenizer.decode(list(tokens), skip_special_tokens=True)
+        final = text.removesuffix(_REPLACEMENT)
         return not reference.strip().startswith(final.strip())
 
     return misses

@@ -97,6 +97,21 @@ def test_early_miss_is_never_wrong(base: tuple) -> None:
     assert decided > 100
 
 
+def test_early_miss_decides_at_the_first_whole_character(base: tuple) -> None:
+    """A first token that is a whole character other than the reference's first is a miss at
+    once; one that is the first byte of a character the reference may start with is not."""
+    _, tokenizer = base
+    misses = early_miss(tokenizer)
+    assert misses is not None
+    wrong = tokenizer("x", add_special_tokens=False)["input_ids"]
+    assert len(wrong) == 1 and misses(wrong, "42")
+    assert not misses(wrong, " x1")
+    accented = tokenizer("é", add_special_tokens=False)["input_ids"]
+    assert len(accented) > 1 and tokenizer.decode(accented[:1]) == "\ufffd"
+    assert not misses(accented[:1], "é1")
+    assert misses(accented, "e1")
+
+
 def test_early_miss_only_for_decoders_that_allow_it(base: tuple) -> None:
     _, tokenizer = base
     cleaned = copy.deepcopy(tokenizer)

@@ -57,16 +57,25 @@ def sliding_copy(name: str, folder: Path) -> str:
     return str(folder)
 
 
-@pytest.mark.parametrize(("attention", "order"), [("full", "forward"), ("alternating", "backward")])
+@pytest.mark.parametrize(
+    ("attention", "order", "inputs_kept"),
+    [("full", "forward", "every"), ("alternating", "backward", "every"),
+     ("full", "backward", "sqrt")],
+)  # fmt: skip
 def test_prefix_cached_scores_equal_full_evaluations(
-    tmp_path: Path, attention: str, order: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, attention: str, order: str, inputs_kept: str
 ) -> None:
     """Scoring from the per-position caches gives bitwise what whole forward passes give, in
     every mode (teacher forcing and generation from the shared prompt prefix), in either
-    order of positions, also when each layer's attention mask depends on its index
-    (sliding-window layers); a swap below the cached position makes the cache stale."""
+    order of positions, with inputs kept at every layer or (beyond the memory budget) every
+    sqrt(L)-th, also when each layer's attention mask depends on its index (sliding-window
+    layers); a swap below the cached position makes the cache stale."""
     from hubmerge.datasets import load_conversations
+    from hubmerge.methods.olm import evaluate
     from hubmerge.methods.olm.evaluate import Limits, WorkingModel
+
+    if inputs_kept == "sqrt":
+        monkeypatch.setattr(evaluate, "KEEP_EVERY_INPUT_BYTES", 0)
 
     refs = [str(zoo.model_path(m)) for m in ("tiny-base", "tiny-sort")]
     if attention == "alternating":
@@ -88,6 +97,7 @@ def test_prefix_cached_scores_equal_full_evaluations(
     )
     with pytest.raises(ValueError, match="cache_prefix"):
         working.evaluate(start=1)  # no cached prefix for position 1 yet
+    assert working._stride == (1 if inputs_kept == "every" else 2)
     positions = list(range(1, base.num_layers))
     for position in positions if order == "forward" else positions[::-1]:
         working.cache_prefix(position)
@@ -110,6 +120,67 @@ def test_prefix_cached_scores_equal_full_evaluations(
         working.evaluate(start=2)
     working.cache_prefix(2)
     assert working.evaluate(start=2) == working.evaluate()
+
+
+def test_whole_model_scores_are_transformers_own(tmp_path: Path) -> None:
+    """A whole-model evaluation (batched, left-padded, the last layer's MLP run only where
+    logits are read, misses stopped early) scores what transformers computes sample by sample:
+    each exact answer is greedy `generate`'s, each token's cross-entropy (exact's tie-breaker,
+    bigram) that of the model's own forward pass over prompt + answer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hubmerge.answers import build_prompts, eos_ids, exact_match
+    from hubmerge.datasets import load_conversations
+    from hubmerge.methods.olm.evaluate import Limits, WorkingModel, task_max_new_tokens
+    from hubmerge.methods.olm.scoring import bigram_score
+
+    name = "tiny-add"  # right on some sort answers, wrong on others
+    (source,) = open_sources([str(zoo.model_path(name))]).values()
+    samples = {
+        "sort": ("exact", load_conversations(zoo.dataset_path("sort", "selection"))[:10]),
+        "reverse": ("bigram", load_conversations(zoo.dataset_path("reverse", "selection"))[:6]),
+    }
+    working = WorkingModel(
+        source, samples, limits=Limits(None, 16, 1, 16), batch_size=4, device="cpu",
+        dtype=torch.float32,
+    )  # fmt: skip
+    exact, bigram = working.evaluate()
+    model = AutoModelForCausalLM.from_pretrained(zoo.model_path(name)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(zoo.model_path(name))
+    stops = eos_ids(model, tokenizer)
+    budget = task_max_new_tokens(working.tasks[0], working.limits)
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def token_ce(prompt: str, reference: str) -> torch.Tensor:
+        answer = encode(reference)
+        ids = torch.tensor([encode(prompt) + answer])
+        with torch.no_grad():
+            logits = model(ids).logits[0, -len(answer) - 1 : -1]
+        return torch.nn.functional.cross_entropy(logits, torch.tensor(answer), reduction="none")
+
+    sort = samples["sort"][1]
+    misses, nll = [], []
+    for prompt, sample in zip(build_prompts(tokenizer, sort), sort, strict=True):
+        ids = torch.tensor([encode(prompt)])
+        with torch.no_grad():
+            new = model.generate(ids, max_new_tokens=budget, do_sample=False)[0, ids.shape[1] :]
+        row = new.tolist()
+        row = row[: next((i for i, t in enumerate(row) if t in stops), len(row))]
+        misses.append(0.0 if exact_match(tokenizer.decode(row), sample.reference) else 1.0)
+        nll.append(float(token_ce(prompt, sample.reference).mean()))
+    assert 0 < sum(misses) < len(misses)
+    assert list(exact.per_sample) == misses
+    assert exact.value == sum(misses) / len(misses)
+    assert exact.tiebreak == pytest.approx(sum(nll) / len(nll), rel=1e-5)
+
+    reverse = samples["reverse"][1]
+    expected = [
+        bigram_score(token_ce(prompt, sample.reference).tolist())
+        for prompt, sample in zip(build_prompts(tokenizer, reverse), reverse, strict=True)
+    ]
+    assert list(bigram.per_sample) == pytest.approx(expected, rel=1e-5)
 
 
 def test_generation_from_a_position_follows_and_leaves_the_trajectory_bitwise() -> None:

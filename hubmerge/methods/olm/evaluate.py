@@ -22,13 +22,15 @@ What makes a candidate cheap to score:
   later tokens are never read, and rows never mix (per-row arithmetic, same shapes), so it
   need not follow. Most candidates answer like the model they change, so most steps follow.
 - In exact mode a row stops as soon as its answer has certainly missed the reference
-  (`answers.early_miss`); its score is known, and it no longer holds its batch on the
-  trajectory either.
+  (`answers.early_miss`, mostly at its first token); its score is known, and it no longer
+  holds its batch on the trajectory either.
 - Those per-position caches are built from the nearest still-valid layer below, not from the
   embeddings: in `forward` order position p costs one layer (p - 1, just decided), in
-  `backward` order the layers below never change and inputs kept at every sqrt(L)-th layer
-  bound the work and the memory. Each cached tensor remembers when it was computed, and a swap
-  below it makes it stale.
+  `backward` order the layers below never change and the inputs kept at every layer (beyond
+  `KEEP_EVERY_INPUT_BYTES`, every sqrt(L)-th) bound the work and the memory. Each cached
+  tensor remembers when it was computed, and a swap below it makes it stale.
+- A pass over whole prompts runs the last layer's MLP only at the positions whose logits are
+  read (`_last_mlp_at`), in whole-model and candidate passes alike.
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ from hubmerge.methods.olm.scoring import (
 )
 from hubmerge.sources import ModelSource
 from hubmerge.tensorfile import TensorInfo, read_tensor
+
+#: The per-position caches keep the hidden states entering every layer while all of them take
+#: at most this much memory: in `backward` order no position then recomputes a layer below it.
+KEEP_EVERY_INPUT_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -99,8 +105,10 @@ class _Trajectory:
     cache: Any = None
 
     def layer_before(self, layer: int, step: int) -> Any:
-        """Layer `layer`'s KV-cache entry as it was before step `step` (a copy to update)."""
-        if layer in self.sliding[step]:
+        """Layer `layer`'s KV-cache entry as it was before step `step` (a copy to update), up
+        to the step after the last: a row that followed to the end may still be open (its
+        next token comes from other layers above)."""
+        if step < len(self.sliding) and layer in self.sliding[step]:
             return copy.copy(self.sliding[step][layer])
         entry = copy.copy(self.cache.layers[layer])
         entry.keys = entry.keys[..., : self.width + step, :]
@@ -200,8 +208,14 @@ class WorkingModel:
         # at clock c from layers below k is valid while none of them changed after c.
         self._clock = 0
         self._changed = [0] * depth
-        #: Inputs are kept at every `_stride`-th layer (and near the current position).
-        self._stride = max(1, math.isqrt(depth))
+        #: Inputs are kept at every `_stride`-th layer (and near the current position): every
+        #: layer's when they fit `KEEP_EVERY_INPUT_BYTES`, else every sqrt(L)-th.
+        tokens = sum(
+            b.input_ids.numel() for t in self.tasks for b in t.forced_batches + t.prompt_batches
+        )
+        width = self.model.get_input_embeddings().embedding_dim * dtype.itemsize
+        fits = tokens * width * depth <= KEEP_EVERY_INPUT_BYTES
+        self._stride = 1 if fits else max(1, math.isqrt(depth))
         self._start = 0
 
     # -- editing ------------------------------------------------------------------------------
@@ -438,14 +452,46 @@ class WorkingModel:
             handle.remove()
 
     def _forward(self, batch: _Batch, *, keep: int, cache: Any = None) -> Any:
-        return self.model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            cache=cache,
-            use_cache=cache is not None,
-            logits_to_keep=keep,
-        )
+        """A pass over a whole batch that computes the logits of its last `keep` positions."""
+        with self._last_mlp_at(keep):
+            return self.model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                cache=cache,
+                use_cache=cache is not None,
+                logits_to_keep=keep,
+            )
+
+    @contextlib.contextmanager
+    def _last_mlp_at(self, keep: int) -> Iterator[None]:
+        """Run the last layer's MLP only at the last `keep` positions.
+
+        Only their logits are read, and every module after the last attention works position
+        by position, so elsewhere the MLP's output is never used (zeros stand in for it). The
+        last layer's attention still runs everywhere: its KV cache serves the decoding steps.
+        That saves most of one layer of every pass over a prompt, whole-model and candidate
+        alike, so both still compute the same operations on the same shapes.
+        """
+        mlp = self.model.model.layers[-1].mlp
+        width = 0
+
+        def cut(_: nn.Module, args: tuple) -> tuple:
+            nonlocal width
+            width = args[0].shape[1]
+            # A copy, not a view: a view's offset into the batch changes the alignment the
+            # matrix products see, and with it their rounding (from one model copy to another).
+            return (args[0][:, -keep:].contiguous(), *args[1:])
+
+        def pad(_: nn.Module, __: tuple, output: torch.Tensor) -> torch.Tensor:
+            return nn.functional.pad(output, (0, 0, width - output.shape[1], 0))
+
+        handles = [mlp.register_forward_pre_hook(cut), mlp.register_forward_hook(pad)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _generate(self, task: Task, max_new_tokens: int, start: int) -> list[str]:
         began = time.perf_counter()
@@ -467,7 +513,7 @@ class WorkingModel:
                     batch.attention_mask,
                     max_new_tokens,
                     self._eos,
-                    prefill=self._prefill(batch, start) if start else None,
+                    prefill=self._prefill(batch, start),
                     step=step,
                     settled=settled,
                 )
@@ -583,14 +629,15 @@ class WorkingModel:
         return step
 
     def _prefill(self, batch: _Batch, start: int) -> Callable[[], Any]:
-        """The prompt pass of generation from layer `start`, with the shared KV cache below."""
+        """The prompt pass of generation from layer `start` (0: every layer), with the shared
+        KV cache below."""
 
         def prefill() -> Any:
             # A fresh cache, so the attention mask is sized for a pass over the whole prompt;
             # the shared entries of the layers below go in afterwards (copies: decoding grows
             # them, and the next candidate needs them as they are).
             cache = self._new_cache()
-            with self._from_layer(start, batch.prefix.inputs[start][1]):
+            with self._from_layer(start, batch.prefix.inputs[start][1] if start else None):
                 out = self._forward(batch, keep=1, cache=cache)
             for j in range(start):
                 cache.layers[j] = copy.copy(batch.prefix.kv[j][1])
