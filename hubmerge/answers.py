@@ -9,6 +9,7 @@ The one home of answer evaluation, shared by the zoo (what each tiny model learn
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -42,10 +43,13 @@ def early_miss(tokenizer: Any) -> Callable[[Sequence[int], str], bool] | None:
 
     Decided only for byte-level decoders (GPT-2, Llama 3, Qwen, the zoo) without clean-up of
     spaces: their text is the tokens' bytes, concatenated, decoded as UTF-8 with replacement
-    characters, so later tokens can change only an unfinished multi-byte character at the end
-    of a prefix's text, which decodes as one replacement character. Without it, once the text,
-    stripped, is not the start of the stripped reference, no continuation (stopping now
-    included) can match. Generating on would change no score, only cost time; deciding on the
+    characters, so later tokens can change only an unfinished character at the end (bytes
+    that begin a UTF-8 sequence without ending it, shown as one replacement character). The
+    rest, stripped, must start the stripped reference. The unfinished character will become a
+    character whose encoding starts with those bytes, or a replacement character if they
+    never finish; unless that may be white space (which `strip` could remove), the reference
+    must go on with such a character. Once either fails, no continuation (stopping now
+    included) can match: generating on would change no score, only cost time. Deciding on the
     very first token matters most, because a model that misses mostly misses there.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -54,13 +58,52 @@ def early_miss(tokenizer: Any) -> Callable[[Sequence[int], str], bool] | None:
         tokenizer, "clean_up_tokenization_spaces", True
     ):
         return None
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    alphabet = {char: byte for byte, char in bytes_to_unicode().items()}
+
+    def piece_bytes(piece: str) -> bytes:
+        # As the ByteLevel decoder reads a token: its alphabet's bytes, or, for an added
+        # token spelled in plain text, that text's UTF-8.
+        if all(char in alphabet for char in piece):
+            return bytes(alphabet[char] for char in piece)
+        return piece.encode()
 
     def misses(tokens: Sequence[int], reference: str) -> bool:
-        text = tokenizer.decode(list(tokens), skip_special_tokens=True)
-        final = text.removesuffix(_REPLACEMENT)
-        return not reference.strip().startswith(final.strip())
+        ids = list(tokens)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        target = reference.strip()
+        pieces = tokenizer.convert_ids_to_tokens(ids, skip_special_tokens=True)
+        tail = _unfinished(b"".join(piece_bytes(p) for p in pieces)[-3:])
+        if not tail or not text.endswith(_REPLACEMENT):
+            return not target.startswith(text.strip())
+        done = text[: -len(_REPLACEMENT)]
+        if any(space.encode().startswith(tail) for space in _wide_spaces()):
+            return not target.startswith(done.strip())
+        head = done.lstrip()
+        after = target[len(head) : len(head) + 1]
+        return not (
+            target.startswith(head) and (after == _REPLACEMENT or after.encode().startswith(tail))
+        )
 
     return misses
+
+
+def _unfinished(data: bytes) -> bytes:
+    """The bytes at the end of `data` that begin a UTF-8 character without finishing it."""
+    for size in range(1, min(len(data), 3) + 1):
+        try:
+            data[-size:].decode("utf-8")
+        except UnicodeDecodeError as error:
+            if error.start == 0 and error.reason == "unexpected end of data":
+                return data[-size:]
+    return b""
+
+
+@functools.cache
+def _wide_spaces() -> tuple[str, ...]:
+    """The white-space characters (as `str.strip` sees them) that take more than one byte."""
+    return tuple(c for c in map(chr, range(0x80, sys.maxunicode + 1)) if c.isspace())
 
 
 def build_prompts(tokenizer: Any, samples: Sequence[Sample]) -> list[str]:

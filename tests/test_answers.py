@@ -73,19 +73,30 @@ def test_settled_rows_stop_and_leave_the_others_unchanged(base: tuple) -> None:
     assert cut[:1] + cut[2:] == whole[:1] + whole[2:]
 
 
-def test_early_miss_is_never_wrong(base: tuple) -> None:
+def byte_tokens(tokenizer: object, data: bytes) -> list[int]:
+    """The zoo tokenizer's one-byte tokens spelling `data` (any bytes, valid UTF-8 or not)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    table = bytes_to_unicode()
+    return [tokenizer.convert_tokens_to_ids(table[b]) for b in data]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("reference", [" café 42 ", "é1", "€ ", "\u00a0ü"])
+def test_early_miss_is_never_wrong(base: tuple, reference: str) -> None:
     """Whatever follows a prefix declared a miss, the answer misses; a prefix of the reference,
-    even one ending inside a multi-byte character, is never declared a miss."""
+    even one ending inside a multi-byte character, is never declared a miss. Prefixes and
+    continuations are drawn from the reference's tokens and single bytes that begin, continue
+    or end other characters (white space among them)."""
     _, tokenizer = base
     misses = early_miss(tokenizer)
     assert misses is not None
-    reference = " café 42 "
     tokens = tokenizer(reference.strip(), add_special_tokens=False)["input_ids"]
     assert any(tokenizer.decode(tokens[:n]).endswith("\ufffd") for n in range(len(tokens)))
     for n in range(len(tokens) + 1):
         assert not misses(tokens[:n], reference)
     rng = random.Random(0)
-    alphabet = [*tokens, *tokenizer(" x\u00e9", add_special_tokens=False)["input_ids"]]
+    odd = byte_tokens(tokenizer, b"\xc2\xa0\xe2\x82\xac\xc3\xbc\xa9\x80 x")
+    alphabet = [*tokens, *odd, *tokenizer(" x\u00e9", add_special_tokens=False)["input_ids"]]
     decided = 0
     for _ in range(3000):
         prefix = rng.choices(alphabet, k=rng.randint(0, 6))
@@ -99,7 +110,9 @@ def test_early_miss_is_never_wrong(base: tuple) -> None:
 
 def test_early_miss_decides_at_the_first_whole_character(base: tuple) -> None:
     """A first token that is a whole character other than the reference's first is a miss at
-    once; one that is the first byte of a character the reference may start with is not."""
+    once. So is a first byte that no character the reference may start with begins with, or
+    one that begins no character at all; a first byte that may still become the reference's
+    first character, or white space, is not."""
     _, tokenizer = base
     misses = early_miss(tokenizer)
     assert misses is not None
@@ -109,7 +122,13 @@ def test_early_miss_decides_at_the_first_whole_character(base: tuple) -> None:
     accented = tokenizer("é", add_special_tokens=False)["input_ids"]
     assert len(accented) > 1 and tokenizer.decode(accented[:1]) == "\ufffd"
     assert not misses(accented[:1], "é1")
+    assert not misses(accented[:1], "ü1")  # é and ü share their first byte
+    assert misses(accented[:1], "€1")
+    assert misses(accented[:1], "1")
     assert misses(accented, "e1")
+    assert misses(byte_tokens(tokenizer, b"\xa9"), "é")  # a continuation byte begins nothing
+    assert not misses(byte_tokens(tokenizer, b"\xc2"), "1")  # may become a no-break space
+    assert misses(byte_tokens(tokenizer, b"1\xc3"), "1 ")  # something follows the 1
 
 
 def test_early_miss_only_for_decoders_that_allow_it(base: tuple) -> None:

@@ -27,8 +27,9 @@ What makes a candidate cheap to score:
 - Those per-position caches are built from the nearest still-valid layer below, not from the
   embeddings: in `forward` order position p costs one layer (p - 1, just decided), in
   `backward` order the layers below never change and the inputs kept at every layer (beyond
-  `KEEP_EVERY_INPUT_BYTES`, every sqrt(L)-th) bound the work and the memory. Each cached
-  tensor remembers when it was computed, and a swap below it makes it stale.
+  `KEEP_EVERY_INPUT_BYTES`, every sqrt(L)-th) bound the work and the memory; a whole-model
+  pass keeps what it computes of them, so `backward` order's first position computes none.
+  Each cached tensor remembers when it was computed, and a swap below it makes it stale.
 - A pass over whole prompts runs the last layer's MLP only at the positions whose logits are
   read (`_last_mlp_at`), in whole-model and candidate passes alike.
 """
@@ -40,7 +41,7 @@ import copy
 import math
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -342,8 +343,26 @@ class WorkingModel:
 
     def _run_prefix(self, batch: _Batch, begin: int, stop: int, *, kv: bool) -> None:
         """Run layers begin..stop-1, keeping each one's input (and KV entry, with `kv`)."""
-        layers = self.model.model.layers
         prefix = batch.prefix
+        cache = self._new_cache() if kv else None
+        fed = prefix.inputs[begin][1] if begin else None
+        # The layers are restored (leaving `_from_layer`) before the stop is swallowed.
+        with (
+            torch.inference_mode(),
+            contextlib.suppress(_Captured),
+            self._keeping_inputs(prefix, range(begin + 1, stop + 1), stop=stop),
+            self._from_layer(begin, fed),
+        ):
+            self._forward(batch, keep=1, cache=cache)
+        if cache is not None:
+            self._keep_kv(prefix, cache, range(begin, stop))
+
+    @contextlib.contextmanager
+    def _keeping_inputs(
+        self, prefix: _Prefix, layers: Iterable[int], *, stop: int | None = None
+    ) -> Iterator[None]:
+        """Keep in `prefix` the hidden state entering each of `layers` during the passes
+        inside, and end the pass (raise `_Captured`) on reaching layer `stop`."""
         clock = self._clock
 
         def capture(layer: int) -> Any:
@@ -354,26 +373,34 @@ class WorkingModel:
 
             return hook
 
+        decoder_layers = self.model.model.layers
         handles = [
-            layers[k].register_forward_pre_hook(capture(k), with_kwargs=True)
-            for k in range(begin + 1, stop + 1)
+            decoder_layers[k].register_forward_pre_hook(capture(k), with_kwargs=True)
+            for k in layers
         ]
-        cache = self._new_cache() if kv else None
-        fed = prefix.inputs[begin][1] if begin else None
         try:
-            # The layers are restored (leaving `_from_layer`) before the stop is swallowed.
-            with (
-                torch.inference_mode(),
-                contextlib.suppress(_Captured),
-                self._from_layer(begin, fed),
-            ):
-                self._forward(batch, keep=1, cache=cache)
+            yield
         finally:
             for handle in handles:
                 handle.remove()
-        if cache is not None:
-            for j in range(begin, stop):
-                prefix.kv[j] = (clock, cache.layers[j])
+
+    def _keep_kv(self, prefix: _Prefix, cache: Any, layers: Iterable[int]) -> None:
+        """Keep those layers' KV-cache entries of a prompt pass (copies: decoding grows them)."""
+        for j in layers:
+            prefix.kv[j] = (self._clock, copy.copy(cache.layers[j]))
+
+    def _whole_pass_keeps(
+        self, prefix: _Prefix, start: int
+    ) -> contextlib.AbstractContextManager[None]:
+        """What a whole-model pass (`start` 0) keeps of what it computes anyway: the inputs
+        the per-position caches keep (`_advance`) at the last position, where `backward` order
+        starts, so that its first `cache_prefix` computes nothing."""
+        if start:
+            return contextlib.nullcontext()
+        depth = len(self.model.model.layers)
+        near = depth - 1 - self._stride
+        kept = [k for k in range(1, depth) if k % self._stride == 0 or k >= near]
+        return self._keeping_inputs(prefix, kept)
 
     def _drop_prefixes(self) -> None:
         for task in self.tasks:
@@ -410,7 +437,11 @@ class WorkingModel:
         for batch in task.forced_batches:
             keep = max(batch.answer_lengths) + 1
             fed = batch.prefix.inputs[start][1] if start else None
-            with torch.inference_mode(), self._from_layer(start, fed):
+            with (
+                torch.inference_mode(),
+                self._whole_pass_keeps(batch.prefix, start),
+                self._from_layer(start, fed),
+            ):
                 logits = self._forward(batch, keep=keep).logits
             width = batch.input_ids.shape[1]
             for row, length in enumerate(batch.answer_lengths):
@@ -637,8 +668,11 @@ class WorkingModel:
             # the shared entries of the layers below go in afterwards (copies: decoding grows
             # them, and the next candidate needs them as they are).
             cache = self._new_cache()
-            with self._from_layer(start, batch.prefix.inputs[start][1] if start else None):
+            fed = batch.prefix.inputs[start][1] if start else None
+            with self._whole_pass_keeps(batch.prefix, start), self._from_layer(start, fed):
                 out = self._forward(batch, keep=1, cache=cache)
+            if not start:
+                self._keep_kv(batch.prefix, cache, range(len(cache.layers) - 1))
             for j in range(start):
                 cache.layers[j] = copy.copy(batch.prefix.kv[j][1])
             return out
