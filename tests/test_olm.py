@@ -12,8 +12,11 @@ import torch
 
 from hubmerge import zoo
 from hubmerge.config import parse_config
+from hubmerge.datasets import load_conversations
 from hubmerge.folder import OlmReport
 from hubmerge.merge import merge, open_sources
+from hubmerge.methods.olm.evaluate import Limits, WorkingModel
+from hubmerge.sources import ModelSource
 from tests.helpers import logits, run_cli, tensors, write_yaml
 
 POOL = ["tiny-base", "tiny-add", "tiny-reverse"]
@@ -57,6 +60,26 @@ def sliding_copy(name: str, folder: Path) -> str:
     return str(folder)
 
 
+def zoo_working(
+    base: ModelSource,
+    tasks: dict[str, tuple[str, int]],
+    *,
+    batch_size: int = 4,
+    budget: int = 16,
+    device: str = "cpu",
+) -> WorkingModel:
+    """A working model on `base` scoring, per zoo task, its first n selection samples in
+    `mode` (`tasks`: task -> (mode, n)), answers up to `budget` tokens."""
+    samples = {
+        task: (mode, load_conversations(zoo.dataset_path(task, "selection"))[:n])
+        for task, (mode, n) in tasks.items()
+    }
+    return WorkingModel(
+        base, samples, limits=Limits(None, budget, 1, budget), batch_size=batch_size,
+        device=device, dtype=torch.float32,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("attention", "order", "inputs_kept"),
     [("full", "forward", "every"), ("alternating", "backward", "every"),
@@ -70,9 +93,7 @@ def test_prefix_cached_scores_equal_full_evaluations(
     order of positions, with inputs kept at every layer or (beyond the memory budget) every
     sqrt(L)-th, also when each layer's attention mask depends on its index (sliding-window
     layers); a swap below the cached position makes the cache stale."""
-    from hubmerge.datasets import load_conversations
     from hubmerge.methods.olm import evaluate
-    from hubmerge.methods.olm.evaluate import Limits, WorkingModel
 
     if inputs_kept == "sqrt":
         monkeypatch.setattr(evaluate, "KEEP_EVERY_INPUT_BYTES", 0)
@@ -82,18 +103,8 @@ def test_prefix_cached_scores_equal_full_evaluations(
         refs = [sliding_copy(m, tmp_path / m) for m in ("tiny-base", "tiny-sort")]
     sources = open_sources(refs)
     base, other = sources.values()
-    samples = {
-        "add": ("bigram", load_conversations(zoo.dataset_path("add", "selection"))[:10]),
-        "sort": ("exact", load_conversations(zoo.dataset_path("sort", "selection"))[:10]),
-        "reverse": ("quality", load_conversations(zoo.dataset_path("reverse", "selection"))[:6]),
-    }
-    working = WorkingModel(
-        base,
-        samples,
-        limits=Limits(None, 16, 1, 16),
-        batch_size=4,
-        device="cpu",
-        dtype=torch.float32,
+    working = zoo_working(
+        base, {"add": ("bigram", 10), "sort": ("exact", 10), "reverse": ("quality", 6)}
     )
     with pytest.raises(ValueError, match="cache_prefix"):
         working.evaluate(start=1)  # no cached prefix for position 1 yet
@@ -139,20 +150,12 @@ def test_whole_model_scores_are_transformers_own(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hubmerge.answers import build_prompts, eos_ids, exact_match
-    from hubmerge.datasets import load_conversations
-    from hubmerge.methods.olm.evaluate import Limits, WorkingModel, task_max_new_tokens
+    from hubmerge.methods.olm.evaluate import task_max_new_tokens
     from hubmerge.methods.olm.scoring import bigram_score
 
     name = "tiny-add"  # right on some sort answers, wrong on others
     (source,) = open_sources([str(zoo.model_path(name))]).values()
-    samples = {
-        "sort": ("exact", load_conversations(zoo.dataset_path("sort", "selection"))[:10]),
-        "reverse": ("bigram", load_conversations(zoo.dataset_path("reverse", "selection"))[:6]),
-    }
-    working = WorkingModel(
-        source, samples, limits=Limits(None, 16, 1, 16), batch_size=4, device="cpu",
-        dtype=torch.float32,
-    )  # fmt: skip
+    working = zoo_working(source, {"sort": ("exact", 10), "reverse": ("bigram", 6)})
     exact, bigram = working.evaluate()
     model = AutoModelForCausalLM.from_pretrained(zoo.model_path(name)).eval()
     tokenizer = AutoTokenizer.from_pretrained(zoo.model_path(name))
@@ -169,7 +172,7 @@ def test_whole_model_scores_are_transformers_own(tmp_path: Path) -> None:
             logits = model(ids).logits[0, -len(answer) - 1 : -1]
         return torch.nn.functional.cross_entropy(logits, torch.tensor(answer), reduction="none")
 
-    sort = samples["sort"][1]
+    sort = load_conversations(zoo.dataset_path("sort", "selection"))[:10]
     misses, nll = [], []
     for prompt, sample in zip(build_prompts(tokenizer, sort), sort, strict=True):
         ids = torch.tensor([encode(prompt)])
@@ -184,7 +187,7 @@ def test_whole_model_scores_are_transformers_own(tmp_path: Path) -> None:
     assert exact.value == sum(misses) / len(misses)
     assert exact.tiebreak == pytest.approx(sum(nll) / len(nll), rel=1e-5)
 
-    reverse = samples["reverse"][1]
+    reverse = load_conversations(zoo.dataset_path("reverse", "selection"))[:6]
     expected = [
         bigram_score(token_ce(prompt, sample.reference).tolist())
         for prompt, sample in zip(build_prompts(tokenizer, reverse), reverse, strict=True)
@@ -197,19 +200,12 @@ def test_generation_from_a_position_follows_and_leaves_the_trajectory_bitwise() 
     open row agrees with it, and run every layer once a row leaves it: with answers of
     different lengths (eos), rows that diverge and rows stopped early as misses, their scores
     are bitwise those of whole-model evaluations."""
-    from hubmerge.datasets import load_conversations
-    from hubmerge.methods.olm.evaluate import Limits, WorkingModel
 
     refs = [str(zoo.model_path(m)) for m in ("tiny-base", "tiny-sort")]
     base, other = open_sources(refs).values()
-    samples = {
-        "sort": ("exact", load_conversations(zoo.dataset_path("sort", "selection"))[:12]),
-        "reverse": ("quality", load_conversations(zoo.dataset_path("reverse", "selection"))[:6]),
-    }
-    working = WorkingModel(
-        base, samples, limits=Limits(None, 12, 1, 12), batch_size=6, device="cpu",
-        dtype=torch.float32,
-    )  # fmt: skip
+    working = zoo_working(
+        base, {"sort": ("exact", 12), "reverse": ("quality", 6)}, batch_size=6, budget=12
+    )
     recorded = working.evaluate()
     diverged = False
     for position in (3, 2, 1):
@@ -409,9 +405,6 @@ def test_swaps_reach_layers_accelerate_offloaded(
     pytest.importorskip("accelerate")
     from transformers import AutoModelForCausalLM
 
-    from hubmerge.datasets import load_conversations
-    from hubmerge.methods.olm.evaluate import Limits, WorkingModel
-
     real = AutoModelForCausalLM.from_pretrained
     offloaded = {"model.layers.1": "disk", "model.layers.3": "disk"}
 
@@ -423,20 +416,10 @@ def test_swaps_reach_layers_accelerate_offloaded(
 
     sources = open_sources([str(zoo.model_path(m)) for m in ("tiny-base", "tiny-sort")])
     base, other = sources.values()
-    samples = {
-        "sort": ("exact", load_conversations(zoo.dataset_path("sort", "selection"))[:8]),
-        "add": ("bigram", load_conversations(zoo.dataset_path("add", "selection"))[:8]),
-    }
-
-    def working(device: str) -> WorkingModel:
-        return WorkingModel(
-            base, samples, limits=Limits(None, 16, 1, 16), batch_size=4, device=device,
-            dtype=torch.float32,
-        )  # fmt: skip
-
-    plain = working("cpu")
+    tasks = {"sort": ("exact", 8), "add": ("bigram", 8)}
+    plain = zoo_working(base, tasks)
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", offloading)
-    spread = working("auto")
+    spread = zoo_working(base, tasks, device="auto")
     assert spread.model.model.layers[3].mlp.down_proj.weight.device.type == "meta"
     assert spread.evaluate() == plain.evaluate()
     for layer in (3, 2):  # offloaded, then resident
@@ -453,8 +436,6 @@ def test_generation_uses_transformers_current_cache_api() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hubmerge.answers import build_prompts, greedy_generate
-    from hubmerge.datasets import load_conversations
-    from hubmerge.methods.olm.evaluate import Limits, WorkingModel
 
     path = zoo.model_path("tiny-base")
     items = load_conversations(zoo.dataset_path("sort", "selection"))[:4]
