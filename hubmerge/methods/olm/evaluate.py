@@ -330,16 +330,20 @@ class WorkingModel:
         begin = max(usable, default=0)
         if begin < stop:
             self._run_prefix(batch, begin, stop, kv=kv)
-        # Keep what later positions may start from, in either order, at bounded memory: every
-        # `_stride`-th input, and the last `_stride` below `stop` (backward order needs them
-        # next, forward order the one at `stop`); nothing above `stop`, nothing stale.
-        near = max(begin, stop - self._stride)
+        # Nothing above `stop`, nothing stale.
         prefix.inputs = {
             k: v
             for k, v in prefix.inputs.items()
-            if k <= stop and (k % self._stride == 0 or k >= near) and self._valid_input(prefix, k)
+            if k <= stop and self._kept(k, stop, begin) and self._valid_input(prefix, k)
         }
         prefix.kv = {j: v for j, v in prefix.kv.items() if j < stop}
+
+    def _kept(self, layer: int, stop: int, begin: int = 0) -> bool:
+        """Whether the input of `layer` is kept once the caches reach `stop` (computed from
+        `begin`): what later positions may start from, in either order, at bounded memory.
+        Every `_stride`-th input, and the last `_stride` below `stop` (backward order needs
+        them next, forward order the one at `stop`)."""
+        return layer % self._stride == 0 or layer >= max(begin, stop - self._stride)
 
     def _run_prefix(self, batch: _Batch, begin: int, stop: int, *, kv: bool) -> None:
         """Run layers begin..stop-1, keeping each one's input (and KV entry, with `kv`)."""
@@ -397,10 +401,8 @@ class WorkingModel:
         starts, so that its first `cache_prefix` computes nothing."""
         if start:
             return contextlib.nullcontext()
-        depth = len(self.model.model.layers)
-        near = depth - 1 - self._stride
-        kept = [k for k in range(1, depth) if k % self._stride == 0 or k >= near]
-        return self._keeping_inputs(prefix, kept)
+        last = len(self.model.model.layers) - 1
+        return self._keeping_inputs(prefix, [k for k in range(1, last + 1) if self._kept(k, last)])
 
     def _drop_prefixes(self) -> None:
         for task in self.tasks:
